@@ -146,3 +146,23 @@ class Unavailable(ProxyError):
 
     status = 503
     code = "unavailable"
+
+
+def stream_error_event(fmt: str, path: str, message: str) -> bytes:
+    """A provider-format error *event*, for a stream that already answered 200.
+
+    Used when the upstream breaks mid-stream: the client has complete events
+    only (the relay holds back a partial trailing event), then this one, so its
+    SDK raises a clean error instead of choking on half an event or silently
+    ending a truncated answer.
+    """
+    if fmt == OLLAMA:
+        return json.dumps({"error": message}).encode() + b"\n"
+    if fmt == ANTHROPIC:
+        data = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
+    if "/responses" in path:
+        data = {"type": "error", "code": "upstream_disconnected", "message": message, "param": None}
+        return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
+    data = {"error": {"message": message, "type": "server_error", "param": None, "code": "upstream_disconnected"}}
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
