@@ -232,7 +232,7 @@ def _candidate_dirs() -> Iterator[Path]:
         dist = importlib.metadata.distribution("hivemind-trio")
         for f in dist.files or ():
             if f.name == "generic.toml" and f.parent.as_posix().endswith(share.as_posix()):
-                yield Path(str(dist.locate_file(f))).parent
+                yield Path(str(dist.locate_file(f))).resolve().parent
     except importlib.metadata.PackageNotFoundError:
         pass
     for prefix in (sys.prefix, sys.base_prefix, site.getuserbase()):
