@@ -549,7 +549,6 @@ def structure_strict(
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
-_INT_RE = re.compile(r"[+-]?\d[\d_]*\Z")
 
 
 def _parse_text(text: str, t: Any) -> object:
@@ -562,8 +561,10 @@ def _parse_text(text: str, t: Any) -> object:
             return False
         raise _WrongType(f"expected true/false/1/0/yes/no, got {_show(text)}")
     if t is int:
-        if _INT_RE.match(text.strip()):
-            return int(text.strip())
+        try:
+            return int(text)  # decimal only; "2.5", "0x10", "1e3" are refused
+        except ValueError:
+            pass
         raise _WrongType(f"expected an integer, got {_show(text)}")
     if t is float:
         try:
