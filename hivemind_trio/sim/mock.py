@@ -149,6 +149,7 @@ class MockStats:
     peak_in_flight: int
     window_requests: int
     window_tokens: int
+    connections: int = 0
 
     @property
     def ok(self) -> int:
@@ -194,7 +195,9 @@ class MockProvider:
         *,
         clock: Callable[[], float] = trio.current_time,
         log_file: IO[str] | None = None,
+        verbose: bool = False,
     ) -> None:
+        self.verbose = verbose  # print every request line and its headers to stderr
         self.config = config or MockConfig()
         self._clock = clock
         self._log_file = log_file
@@ -203,6 +206,7 @@ class MockProvider:
         self.attempts: list[Attempt] = []
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.connections = 0  # TCP connections accepted (keep-alive shows as fewer than attempts)
         self._anchor: tuple[float, float] | None = None  # (clock, wall) at start
 
     # ----------------------------------------------------------------- time
@@ -228,6 +232,7 @@ class MockProvider:
         self.window = SlidingWindow(self.config.window)
         self.rng = random.Random(self.config.seed)
         self.peak_in_flight = self.in_flight
+        self.connections = 0
 
     def statistics(self) -> MockStats:
         outcomes = Counter(a.outcome for a in self.attempts)
@@ -243,6 +248,7 @@ class MockProvider:
             peak_in_flight=self.peak_in_flight,
             window_requests=requests,
             window_tokens=tokens,
+            connections=self.connections,
         )
 
     # ----------------------------------------------------------- decisions
@@ -415,6 +421,7 @@ def add_mock_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quota", action="store_true", help="refuse every generation as out of quota")
     a("--compress", default=d.compress, choices=["", "auto", *_ENCODINGS],
       help="compress responses the client accepts ('auto' = best accepted)")
+    a("-v", "--verbose", action="store_true", help="print every request (method, path, headers) to stderr")
     a("--log", metavar="FILE", default=None, help="append every attempt as a JSON line")
 
 
@@ -439,7 +446,7 @@ def run_mock_from_args(args: argparse.Namespace) -> int:
     log_file = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
 
     async def main() -> None:
-        provider = MockProvider(config, log_file=log_file)
+        provider = MockProvider(config, log_file=log_file, verbose=getattr(args, "verbose", False))
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_mock, provider, args.host, args.port)
             print(f"mock provider listening on http://{args.host}:{port}", flush=True)

@@ -20,6 +20,7 @@ import math
 import secrets
 import socket
 import struct
+import sys
 import zlib
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,6 +33,7 @@ import trio
 import zstandard
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionType
+from wsproto.utilities import generate_accept_token
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from . import mock_wire as wire
@@ -57,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
 _MAX_BODY = 64 * 1024 * 1024
 
 
@@ -96,6 +97,8 @@ def pick_encoding(wanted: str, accept_encoding: str) -> str | None:
 
 
 def compress_all(encoding: str, data: bytes) -> bytes:
+    if encoding == "zstd":  # one-shot: the frame header then carries the content size
+        return zstandard.ZstdCompressor().compress(data)
     enc = _Encoder(encoding)
     return enc.chunk(data, flush=False) + enc.finish()
 
@@ -151,6 +154,7 @@ async def serve(
 
 
 async def _handle(provider: MockProvider, stream: trio.SocketStream) -> None:
+    provider.connections += 1
     try:
         await _Connection(provider, stream).run()
     except Exception:  # one broken connection must not take the server down
@@ -292,10 +296,14 @@ class _Connection:
 
     async def _dispatch(self, req: _Request) -> None:
         method, path = req.method, req.path.rstrip("/") or "/"
+        if self.provider.verbose:
+            shown = " ".join(f"{k.decode()}={v.decode('latin-1')[:60]}" for k, v in req.raw_headers
+                             if k.lower() not in (b"authorization", b"x-api-key"))
+            print(f"mock: {method} {req.target} [{len(req.body)} B] {shown}", file=sys.stderr, flush=True)
         if path.startswith("/mock/"):
             await self._control(req, path)
             return
-        if path == "/":
+        if path in ("/", "/api/hello"):  # Claude Code probes HEAD /api/hello at start
             await self.respond(req, 200, [("content-type", "text/plain")], b"mock provider ok\n")
             return
         api_path = path[3:] if path.startswith("/v1/") else path
@@ -633,7 +641,7 @@ async def _generate(
             include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
             generate=generate, request=body,
         )
-        duration_ns = int((adm.latency + cfg.stream_delay * (cfg.stream_chunks + 1)) * 1e9)
+        duration_ns = max(1_000_000, int((adm.latency + cfg.stream_delay * (cfg.stream_chunks + 1)) * 1e9))
         if not stream:
             status = 200
             await sink.full(200, headers, wire.reply_body(plan, duration_ns))
@@ -681,7 +689,7 @@ async def _serve_websocket(conn: _Connection, req: _Request) -> None:
         await conn.respond_json(req, 400, {"error": {"message": "bad websocket handshake", "type": "invalid_request_error",
                                                      "param": None, "code": None}})
         return
-    accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + _WS_GUID).digest()).decode()
+    accept = generate_accept_token(key.encode("latin-1")).decode()
     await conn._send(
         h11.InformationalResponse(
             status_code=101,
