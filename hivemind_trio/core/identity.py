@@ -28,7 +28,8 @@ class Priority(enum.IntEnum):
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         v = value.strip().lower()
-        if v.isdigit() and int(v) in (0, 1, 2, 3):
+        # Only ASCII digits: str.isdigit() also accepts "²", which int() refuses.
+        if v in ("0", "1", "2", "3"):
             return cls(int(v))
         try:
             return cls[v.upper()]

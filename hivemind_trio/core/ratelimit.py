@@ -331,9 +331,11 @@ def parse_headers(
         raw_remaining = h.get(spec.remaining.format(resource=res))
         raw_reset = h.get(spec.reset.format(resource=res))
         limit = None if raw_limit is None else _parse_number(raw_limit)
-        if limit is not None and limit <= 0:
-            # Azure answers -1 or 0 for "no limit configured"; its remaining is
-            # meaningless then, so the whole resource is unknown.
+        if limit is not None and limit < 1:
+            # A limit below one request/token (".1", "0", "-1") is no usable
+            # limit: the whole resource is unknown rather than a zero budget.
+            # Azure answers -1 or 0 for "no limit configured"; its remaining
+            # is meaningless then.
             continue
         remaining = None if raw_remaining is None else _parse_count(raw_remaining)
         delay = None if raw_reset is None else _reset_delay(spec.reset_format, raw_reset, wall_now)
