@@ -553,9 +553,13 @@ class RateLimitTracker:
         return max(0.0, res.reset_at - now)
 
     def _prune(self, now: float) -> None:
+        # Exact comparison: ``_wait_until`` already rounds waits up so that a
+        # caller coming back after the advised delay finds the entry gone,
+        # while an entry is never dropped a hair before its window ends.
         log = self.state.log
         cut = 0
-        while cut < len(log) and log[cut][0] <= now - WINDOW:
+        edge = now - WINDOW
+        while cut < len(log) and log[cut][0] <= edge:
             cut += 1
         if cut:
             del log[:cut]
@@ -573,7 +577,7 @@ class RateLimitTracker:
         for t, n in log:
             excess -= n if tokens else 1
             if excess <= 0:
-                return max(0.0, t + WINDOW - now)
+                return _wait_until(now, t + WINDOW)
         return 0.0  # pragma: no cover - cost <= limit makes this unreachable
 
     def wait_time(
@@ -662,3 +666,15 @@ class RateLimitTracker:
                 for name, r in st.resources.items()
             },
         )
+
+
+def _wait_until(now: float, until: float) -> float:
+    """``until - now``, rounded up so that ``now + wait >= until`` holds in
+    floating point too (a caller that sleeps exactly the advised delay and
+    asks again must be admitted, not told to wait another 1e-15 s)."""
+    wait = until - now
+    if wait <= 0:
+        return 0.0
+    while now + wait < until:
+        wait = math.nextafter(wait, math.inf)
+    return wait
