@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 
 from .config import ConfigError, load_config
 
@@ -15,6 +16,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime.serve import serve
 
     overrides: dict[str, object] = {}
+    if args.upstream is not None and args.mock:
+        print("hivemind-trio: --mock and --upstream exclude each other", file=sys.stderr)
+        return 2
     if args.upstream is not None:
         overrides["upstream"] = args.upstream
     if args.host is not None:
@@ -32,10 +36,14 @@ def _serve(args: argparse.Namespace) -> int:
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    mock_port = args.mock_port if args.mock else None
     try:
-        trio.run(serve, config)
+        trio.run(partial(serve, config, mock_port=mock_port))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port is taken, the address cannot be bound
+        print(f"hivemind-trio: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -58,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8765)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines")
+    p.add_argument(
+        "--mock",
+        action="store_true",
+        help="also start the built-in mock provider (no limits, no faults) and send every request to it",
+    )
+    p.add_argument("--mock-port", type=int, default=8766, metavar="P", help="port of the --mock provider (default 8766)")
     p.set_defaults(func=_serve)
 
     from .sim.mock import add_mock_arguments

@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 from collections import Counter
+from email.utils import formatdate
 from typing import Any
 
 import attrs
@@ -138,10 +139,10 @@ class ProxyApp:
         # Never an open proxy: absolute-form targets ("GET http://x/") and
         # CONNECT tunnels are refused outright (SPEC §8.2).
         if method == "CONNECT":
-            await _respond(send, errors.MethodNotAllowed("hivemind_trio is not a forward proxy: CONNECT is refused").render(errors.PLAIN))
+            await _respond(send, _closing(errors.MethodNotAllowed("hivemind_trio is not a forward proxy: CONNECT is refused").render(errors.PLAIN)))
             return
         if not raw_path.startswith(b"/"):
-            await _respond(send, errors.BadRequest("hivemind_trio is not a forward proxy: absolute-form request targets are refused").render(errors.PLAIN))
+            await _respond(send, _closing(errors.BadRequest("hivemind_trio is not a forward proxy: absolute-form request targets are refused").render(errors.PLAIN)))
             return
         if raw_path == b"/hivemind" or raw_path.startswith(b"/hivemind/"):
             await self._admin(rt, scope, raw_path, send)
@@ -186,7 +187,7 @@ class ProxyApp:
         final: tuple[int, list[tuple[bytes, bytes]], bytes] | dict | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, c)
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, result)
                 try:
                     head = await nursery.start(_upstream, rt, request, target, result)
                 except errors.ProxyError as exc:
@@ -206,8 +207,6 @@ class ProxyApp:
                 try:
                     await write(send, items, kind, fmt, target.url.path, result)
                 except ClientAbort as exc:
-                    if result.stalled:
-                        c.stalls += 1
                     log.warning("aborting response to %s: %s", identity.agent, exc)
                     raise
                 final = END_BODY
@@ -217,6 +216,10 @@ class ProxyApp:
             # the response started): a truncated body must not look complete.
             raise group.exceptions[0] from None
         finally:
+            if result.client_gone and final is None:
+                # The watcher cancelled the exchange: the client left mid-way
+                # (a disconnect seen after the last byte went out is no loss).
+                c.disconnects += 1
             if isinstance(final, dict):
                 await send(final)
             elif final is not None:
@@ -264,13 +267,18 @@ async def _upstream(rt: Runtime, request, target: Target, result: RelayResult, t
         send_ch, recv_ch = trio.open_memory_channel(16)
         task_status.started((resp.status, resp.headers, recv_ch, kind))
         await pump(resp.stream, send_ch, kind, rt.config.server.stall_timeout, result)
+    if result.stalled:
+        # Counted here, not by the writer: the writer may stay parked in
+        # Hypercorn's shielded send until the client's socket dies.
+        rt.counters.stalls += 1
+        log.warning("client stopped reading for %.0f s; upstream %s released", rt.config.server.stall_timeout, target.route)
 
 
-async def _watch_disconnect(receive, scope: trio.CancelScope, counters: Counters) -> None:
+async def _watch_disconnect(receive, scope: trio.CancelScope, result: RelayResult) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            counters.disconnects += 1
+            result.client_gone = True
             scope.cancel()
             return
 
@@ -311,6 +319,14 @@ def _info(rt: Runtime, identity: Identity, t0: float, attempts: int) -> list[tup
     ]
 
 
+def _closing(rendered: tuple[int, list[tuple[bytes, bytes]], bytes]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """A refusal after which the connection is not reused (a client that
+    tried to tunnel or sent a body we will not read gets no second chance on
+    the same socket)."""
+    status, headers, body = rendered
+    return status, headers + [(b"connection", b"close")], body
+
+
 def _setdefault(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> None:
     if h.get(headers, name) is None:
         headers.append((name, value))
@@ -334,7 +350,10 @@ def _admin_allowed(rt: Runtime, scope: Scope) -> bool:
 
 
 async def _respond(send, rendered: tuple[int, list[tuple[bytes, bytes]], bytes]) -> None:
+    """One of the proxy's own answers (not a relayed one)."""
     status, headers, body = rendered
+    if h.get(headers, b"date") is None:
+        headers = headers + [(b"date", formatdate(usegmt=True).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -33,7 +33,7 @@ import trio
 
 from ..config import Config, Route
 from ..core import errors
-from ..profiles import Profile, detect_by_shape, profile_for_host
+from ..profiles import GENERIC, Profile, detect_by_shape, profile_for_host
 from . import headers as h
 
 
@@ -57,6 +57,11 @@ class _CompiledRoute:
     strip: bool
     base: httpx.URL
     profile: Profile
+    # Neither configured nor known by the upstream's host (a local gateway,
+    # the mock provider): each request's shape then picks the profile, so an
+    # Anthropic client behind such an upstream still gets Anthropic errors,
+    # rate-limit headers and usage parsing.
+    by_shape: bool
 
 
 class Router:
@@ -73,8 +78,9 @@ class Router:
         compiled = []
         for r in routes:
             base = httpx.URL(r.url)
-            profile = profiles[r.profile] if r.profile else profile_for_host(base.host, profiles)
-            compiled.append(_CompiledRoute(r.name, r.prefix, r.strip_prefix, base, profile))
+            profile = profiles[r.profile] if r.profile else profile_for_host(base.netloc.decode("ascii"), profiles)
+            by_shape = not r.profile and profile.name == GENERIC
+            compiled.append(_CompiledRoute(r.name, r.prefix, r.strip_prefix, base, profile, by_shape))
         # Longest prefix first, so "/anthropic" wins over "/".
         self._routes = sorted(compiled, key=lambda c: len(c.prefix), reverse=True)
         self.zero_config = not self._routes
@@ -87,7 +93,12 @@ class Router:
                 if p.default_upstream
             ]
         return [
-            {"route": r.name, "url": str(r.base), "profile": r.profile.name, "match": f"prefix {r.prefix}"}
+            {
+                "route": r.name,
+                "url": str(r.base),
+                "profile": "by request shape" if r.by_shape else r.profile.name,
+                "match": f"prefix {r.prefix}",
+            }
             for r in self._routes
         ]
 
@@ -98,7 +109,10 @@ class Router:
                 rest = path[len(r.prefix.rstrip("/")) :] if r.strip else path
                 if not rest.startswith("/"):
                     rest = "/" + rest
-                return Target(r.name, _join(r.base, rest, query), r.profile)
+                profile = r.profile
+                if r.by_shape:
+                    profile = detect_by_shape(method, rest, headers, self.profiles) or profile
+                return Target(r.name, _join(r.base, rest, query), profile)
         if not self.zero_config:
             return None
         profile = detect_by_shape(method, path, headers, self.profiles)

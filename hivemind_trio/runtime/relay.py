@@ -100,6 +100,7 @@ class RelayResult:
     stalled: bool = False
     broken: errors.ProxyError | None = None
     first_byte_at: float | None = None
+    client_gone: bool = False
 
 
 async def pump(

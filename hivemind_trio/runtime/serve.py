@@ -32,6 +32,11 @@ def hypercorn_config(config: Config, *, host: str | None = None, port: int | Non
     hc.h11_max_incomplete_size = s.max_header_bytes
     hc.graceful_timeout = s.shutdown_grace
     hc.accesslog = None  # the proxy logs one line per request itself
+    # Relayed responses carry the upstream's own Date and Server; Hypercorn
+    # adding its own would send both twice.  The proxy's own answers add a
+    # Date themselves (app._respond).
+    hc.include_date_header = False
+    hc.include_server_header = False
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.websocket_max_message_size = 64 * 1024 * 1024
     # Idle keep-alive connections of agents: generous, agents pool connections.
@@ -77,10 +82,12 @@ async def open_proxy(
             shutdown.set()
 
 
-async def serve(config: Config) -> None:
-    """Serve until SIGINT/SIGTERM (``hivemind-trio serve``)."""
-    app = ProxyApp(config)
-    hc = hypercorn_config(config)
+async def serve(config: Config, *, mock_port: int | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (``hivemind-trio serve``).
+
+    With ``mock_port`` the built-in mock provider is started on that port in
+    the same process and becomes the one upstream (``serve --mock``).
+    """
     shutdown = trio.Event()
 
     async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -93,8 +100,18 @@ async def serve(config: Config) -> None:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
+        if mock_port is not None:
+            from ..sim.mock import MockConfig, MockProvider, serve_mock
+
+            port = await nursery.start(serve_mock, MockProvider(MockConfig()), "127.0.0.1", mock_port)
+            mock_url = f"http://127.0.0.1:{port}"
+            print(f"mock provider listening on {mock_url}", flush=True)
+            config = attrs.evolve(config, upstream=mock_url, routes=())
+        app = ProxyApp(config)
+        hc = hypercorn_config(config)
         binds = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=shutdown.wait))
         for b in binds:
             print(f"hivemind_trio proxy listening on {b}", flush=True)
         await shutdown.wait()
-    # serve() returned once Hypercorn drained; nothing else to wait for.
+        # Hypercorn has drained; the mock (if any) goes with the nursery.
+        nursery.cancel_scope.cancel()

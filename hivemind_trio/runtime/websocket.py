@@ -47,48 +47,68 @@ async def relay_websocket(rt: Runtime, scope: dict[str, Any], receive, send) -> 
     secure = url.scheme in ("https", "wss")
     port = url.port or (443 if secure else 80)
     resource = url.raw_path.decode("latin-1")
+    # The upstream's own Host goes in the handshake (wrap_client_stream's host).
     forwarded = h.end_to_end(client_headers, drop=h.WS_HANDSHAKE | {b"host"})
-    forwarded.insert(0, (b"Host", target.host_header))
     subprotocols = scope.get("subprotocols") or None
     c = rt.counters
-    async with trio.open_nursery() as nursery:
-        try:
-            upstream = await trio_websocket.connect_websocket(
+    accepted = False
+    stream: trio.abc.Stream | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            # The TCP/TLS stream is ours, so it is closed whatever happens
+            # (trio-websocket leaves it open when the upstream refuses).
+            if secure:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    url.host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+                )
+            else:
+                stream = await trio.open_tcp_stream(url.host, port)
+            # The reader task trio-websocket starts in this nursery raises a
+            # refusal (ConnectionRejected) into the nursery, not out of
+            # wrap_client_stream, hence the except* below.
+            upstream = await trio_websocket.wrap_client_stream(
                 nursery,
-                url.host,
-                port,
+                stream,
+                target.host_header.decode("ascii"),
                 resource,
-                use_ssl=ssl.create_default_context() if secure else False,
                 subprotocols=subprotocols,
                 extra_headers=forwarded,
                 max_message_size=MAX_MESSAGE,
             )
-        except trio_websocket.ConnectionRejected as exc:
-            # Relay the upstream's refusal as is: Codex counts these to fall back to HTTP.
-            hdrs = h.end_to_end(list(exc.headers))
-            await _reject(send, (exc.status_code, hdrs, exc.body or b""))
-            return
-        except (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
-            err = errors.UpstreamUnreachable(
-                f"hivemind_trio: upstream '{target.route}' ({url.host}:{port}) WebSocket failed: {exc or type(exc).__name__}"
-            )
-            await _reject(send, err.render(target.profile.error_format))
-            return
-        accept: dict[str, Any] = {"type": "websocket.accept", "subprotocol": upstream.subprotocol}
-        if rt.config.server.info_headers:
-            accept["headers"] = [(b"x-hivemind-agent", identity.agent.encode("utf-8", "replace"))]
-        await send(accept)
-        c.websockets_open += 1
-        c.websockets_total += 1
-        log.info("websocket %s -> %s agent=%s route=%s opened", raw_path.decode("latin-1"), url.host, identity.agent, target.route)
-        try:
-            nursery.start_soon(_client_to_upstream, receive, upstream, nursery.cancel_scope)
-            await _upstream_to_client(upstream, send)
-            nursery.cancel_scope.cancel()
-        finally:
-            c.websockets_open -= 1
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await upstream.aclose()
+            accept: dict[str, Any] = {"type": "websocket.accept", "subprotocol": upstream.subprotocol}
+            if rt.config.server.info_headers:
+                accept["headers"] = [(b"x-hivemind-agent", identity.agent.encode("utf-8", "replace"))]
+            await send(accept)
+            accepted = True
+            c.websockets_open += 1
+            c.websockets_total += 1
+            log.info("websocket %s -> %s agent=%s route=%s opened", raw_path.decode("latin-1"), url.host, identity.agent, target.route)
+            try:
+                nursery.start_soon(_client_to_upstream, receive, upstream, nursery.cancel_scope)
+                await _upstream_to_client(upstream, send)
+                nursery.cancel_scope.cancel()
+            finally:
+                c.websockets_open -= 1
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await upstream.aclose()
+    except* trio_websocket.ConnectionRejected as group:
+        if accepted:
+            raise
+        # Relay the upstream's refusal as is: Codex counts these to fall back to HTTP.
+        exc = group.exceptions[0]
+        await _reject(send, (exc.status_code, h.end_to_end(list(exc.headers or ())), exc.body or b""))
+    except* (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as group:
+        if accepted:
+            raise
+        exc = group.exceptions[0]
+        err = errors.UpstreamUnreachable(
+            f"hivemind_trio: upstream '{target.route}' ({url.host}:{port}) WebSocket failed: {exc or type(exc).__name__}"
+        )
+        await _reject(send, err.render(target.profile.error_format))
+    finally:
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
 
 async def _client_to_upstream(receive, upstream: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:

@@ -336,6 +336,9 @@ async def test_stalled_client_releases_upstream_slot():
             n.start_soon(on_disconnect)
             while True:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # Hypercorn's send() returns without a checkpoint once the
+                # peer is gone; let on_disconnect run.
+                await trio.sleep(0)
 
     up = Recorder(firehose)
     async with serve_asgi(up) as url, await _proxy(url, stall_timeout=0.5) as proxy:
@@ -487,11 +490,15 @@ async def test_websocket_refusal_relayed_so_codex_falls_back():
         await send({"type": "websocket.http.response.body", "body": body})
 
     async with serve_asgi(refuse) as url, await _proxy(url) as proxy:
-        with pytest.raises(trio_websocket.ConnectionRejected) as info:
-            async with trio_websocket.open_websocket("127.0.0.1", proxy.port, "/v1/responses", use_ssl=False):
-                pass
-    assert info.value.status_code == 426
-    assert b"websocket not supported" in info.value.body
+        # Our own stream: trio-websocket does not close its socket on a refusal.
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        async with stream:
+            with pytest.RaisesGroup(trio_websocket.ConnectionRejected, flatten_subgroups=True) as info:
+                async with trio.open_nursery() as nursery:
+                    await trio_websocket.wrap_client_stream(nursery, stream, f"127.0.0.1:{proxy.port}", "/v1/responses")
+    [rejected] = info.value.exceptions
+    assert rejected.status_code == 426
+    assert b"websocket not supported" in rejected.body
 
 
 # -- admin ----------------------------------------------------------------------
