@@ -134,11 +134,29 @@ class UpstreamUnreachable(ProxyError):
 
     status = 502
     code = "upstream_unreachable"
+    # How the transport failed, as a ``core.retry.OutcomeKind`` value: the
+    # scheduler's retry and backpressure decisions depend on it.
+    transport_kind: str = "connect_error"
 
 
 class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream_timeout"
+    transport_kind: str = "timeout_before_headers"
+
+
+class BudgetExhausted(ProxyError):
+    """A token budget is spent: refused before any upstream call, never worth a retry."""
+
+    status = 429
+    code = "budget_exhausted"
+
+
+class Overloaded(ProxyError):
+    """Anthropic's way of saying "not now" (the proxy's queue timed out)."""
+
+    status = 529
+    code = "overloaded"
 
 
 class Unavailable(ProxyError):

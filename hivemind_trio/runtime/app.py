@@ -12,8 +12,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import secrets
 from collections import Counter
+from contextlib import aclosing
 from email.utils import formatdate
 from typing import Any
 
@@ -23,11 +25,15 @@ import trio
 
 from ..config import Config, load_config
 from ..core import errors
+from ..core.budget import Refusal, Reservation
 from ..core.identity import Identity, Priority, identify
+from ..core.retry import Action, Outcome, OutcomeKind, parse_retry_count
+from ..core.usage import Usage, UsageMeter
 from ..profiles import load_profiles
 from . import headers as h
 from .forward import Forwarder, Router, Target
 from .relay import END_BODY, ClientAbort, RelayResult, StreamKind, pump, write
+from .scheduler import BreakerCancelled, Lane, QueueTimeout, RequestInfo, Scheduler, Ticket, peek_request
 
 log = logging.getLogger("hivemind_trio")
 
@@ -60,6 +66,7 @@ class Runtime:
         self.router = Router(config, self.profiles)
         self.forwarder = Forwarder(config, transport)
         self.counters = Counters()
+        self.scheduler = Scheduler(config)
         # Salt for credential fingerprints: per process, never persisted, so a
         # fingerprint cannot be turned back into a key from logs.
         self.salt = secrets.token_bytes(32)
@@ -67,6 +74,17 @@ class Runtime:
 
     async def aclose(self) -> None:
         await self.forwarder.aclose()
+
+    def priority_of(self, identity: Identity, own: dict[bytes, bytes], headers: list[tuple[bytes, bytes]]) -> Priority:
+        """x-hivemind-priority, else the first matching agent rule, else normal (SPEC §4.3)."""
+        explicit = Priority.parse(own.get(b"x-hivemind-priority"))
+        if explicit is not None:
+            return explicit
+        ua = (h.get(headers, b"user-agent") or b"").decode("latin-1")
+        for rule in self.config.agents:
+            if rule.matches(identity.agent, ua):
+                return Priority.parse(rule.priority) or Priority.NORMAL
+        return Priority.NORMAL
 
     def status(self) -> dict[str, Any]:
         c = self.counters
@@ -83,6 +101,7 @@ class Runtime:
             "websockets": {"open": c.websockets_open, "total": c.websockets_total},
             "pool": {"in_use": pool.borrowed_tokens, "size": pool.total_tokens, "waiting": pool.tasks_waiting},
             "uptime_s": round(trio.current_time() - self.started_at, 3),
+            **self.scheduler.statistics(),
         }
 
 
@@ -113,21 +132,24 @@ class ProxyApp:
             await self._lifespan(receive, send)
 
     async def _lifespan(self, receive, send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    self._ensure_runtime()
-                except Exception as exc:
-                    log.error("hivemind_trio cannot start: %s", exc)
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                if self.runtime is not None:
-                    await self.runtime.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        message = await receive()
+        if message["type"] != "lifespan.startup":  # pragma: no cover - ASGI order
+            return
+        try:
+            rt = self._ensure_runtime()
+        except Exception as exc:
+            log.error("hivemind_trio cannot start: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        # The lane dispatchers live here, for as long as the server runs.
+        async with trio.open_nursery() as nursery:
+            rt.scheduler.attach(nursery)
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            nursery.cancel_scope.cancel()
+        await rt.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
 
     # -- HTTP ---------------------------------------------------------------
 
@@ -169,72 +191,151 @@ class ProxyApp:
             rt.counters.disconnects += 1
             return
         identity = identify(client_headers, own, scope.get("client"), rt.salt)
-        priority = Priority.parse(own.get(b"x-hivemind-priority")) or Priority.NORMAL
+        priority = rt.priority_of(identity, own, client_headers)
         request = rt.forwarder.build_request(method, target, client_headers, body, had_length=had_length)
-        await self._exchange(rt, request, target, identity, priority, receive, send)
+        info = _request_info(rt, identity, priority, body, client_headers)
+        await self._exchange(rt, request, target, identity, info, receive, send)
 
-    async def _exchange(self, rt: Runtime, request, target: Target, identity: Identity, priority: Priority, receive, send) -> None:
+    async def _exchange(self, rt: Runtime, request, target: Target, identity: Identity, info: RequestInfo, receive, send) -> None:
         c = rt.counters
+        sched = rt.scheduler
+        cfg = rt.config.scheduler
         c.in_flight += 1
         c.requests += 1
         c.by_route[target.route] += 1
         fmt = target.profile.error_format
         t0 = trio.current_time()
+        lane = sched.lane_for(target.route, target.profile, identity.credential, rpm=target.rpm, tpm=target.tpm)
+        agent = sched.agent(identity.agent)
+        agent.requests += 1
+        agent.in_flight += 1
+        agent.priority = info_priority_name(info.priority)
         status = 0
+        attempts = 0
+        queued = 0.0
         result = RelayResult()
         started = False
+        box = _UsageBox()
+        reservation = None
         # What to send once the disconnect watcher is gone (see relay.write).
         final: tuple[int, list[tuple[bytes, bytes]], bytes] | dict | None = None
         try:
+            reservation = sched.reserve(info)
+            if isinstance(reservation, Refusal):
+                agent.budget_refusals += 1
+                log.warning("budget refused agent=%s: %s", identity.agent, reservation.message)
+                err = errors.BudgetExhausted(reservation.message, headers=(("x-should-retry", "false"),))
+                status, hdrs, body = err.render(fmt)
+                final = (status, hdrs + _info(rt, identity, 0.0, 0), body)
+                reservation = None
+                return
+            warn = bool(reservation is not None and reservation.warning)
+            if cfg.retry:
+                lane.retry_budget.record_request(trio.current_time())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, result)
-                try:
-                    head = await nursery.start(_upstream, rt, request, target, result)
-                except errors.ProxyError as exc:
-                    c.upstream_errors += 1
-                    status, hdrs, body = exc.render(fmt)
-                    final = (status, hdrs + _info(rt, identity, t0, 1), body)
-                    nursery.cancel_scope.cancel()
-                    return
-                status, resp_headers, items, kind = head
-                out = h.end_to_end(resp_headers)
-                if kind.sse:
-                    _setdefault(out, b"cache-control", b"no-cache")
-                    _setdefault(out, b"x-accel-buffering", b"no")
-                out += _info(rt, identity, t0, 1)
-                await send({"type": "http.response.start", "status": status, "headers": out})
-                started = True
-                try:
-                    await write(send, items, kind, fmt, target.url.path, result)
-                except ClientAbort as exc:
-                    log.warning("aborting response to %s: %s", identity.agent, exc)
-                    raise
-                final = END_BODY
+                retry = False
+                while True:
+                    ticket = sched.new_ticket(info, lane, retry=retry)
+                    tq = trio.current_time()
+                    try:
+                        await lane.wait_turn(ticket)
+                    except QueueTimeout as exc:
+                        queued += exc.waited
+                        agent.queue_timeouts += 1
+                        cls = errors.Overloaded if fmt == errors.ANTHROPIC else errors.Unavailable
+                        err = cls(
+                            f"hivemind_trio: no upstream capacity for {exc.waited:.1f} s on '{target.route}'; try again later",
+                            headers=(("retry-after", str(int(exc.retry_after))),),
+                        )
+                        status, hdrs, body = err.render(fmt)
+                        final = (status, hdrs + _info(rt, identity, queued, attempts), body)
+                        break
+                    queued += trio.current_time() - tq
+                    attempts += 1
+                    try:
+                        head = await nursery.start(_upstream, rt, lane, ticket, request, target, result, box)
+                    except BreakerCancelled:
+                        # Not the request's fault: back into the queue, ahead of new work.
+                        attempts -= 1
+                        retry = True
+                        continue
+                    except errors.ProxyError as exc:
+                        outcome = Outcome.transport(OutcomeKind(getattr(exc, "transport_kind", "connect_error")))
+                        if await _should_retry(rt, lane, info, outcome, attempts, agent):
+                            retry = True
+                            continue
+                        c.upstream_errors += 1
+                        status, hdrs, body = exc.render(fmt)
+                        final = (status, _no_retry(hdrs, attempts) + _info(rt, identity, queued, attempts), body)
+                        break
+                    if head.body is not None:
+                        # An error answer, read whole: retry it or pass it on untouched.
+                        if await _should_retry(rt, lane, info, head.outcome, attempts, agent):
+                            retry = True
+                            continue
+                        status = head.status
+                        out = _no_retry(h.end_to_end(head.headers), attempts)
+                        final = (status, out + _info(rt, identity, queued, attempts, warn), head.body)
+                        break
+                    status = head.status
+                    out = h.end_to_end(head.headers)
+                    if head.kind.sse:
+                        _setdefault(out, b"cache-control", b"no-cache")
+                        _setdefault(out, b"x-accel-buffering", b"no")
+                    out += _info(rt, identity, queued, attempts, warn)
+                    await send({"type": "http.response.start", "status": status, "headers": out})
+                    started = True
+                    try:
+                        await write(send, head.items, head.kind, fmt, target.url.path, result)
+                    except ClientAbort as exc:
+                        log.warning("aborting response to %s: %s", identity.agent, exc)
+                        raise
+                    final = END_BODY
+                    break
                 nursery.cancel_scope.cancel()
         except* ClientAbort as group:
             # Tear the connection (Hypercorn drops it when the app raises after
             # the response started): a truncated body must not look complete.
+            agent.failures += 1
             raise group.exceptions[0] from None
         finally:
             if result.client_gone and final is None:
                 # The watcher cancelled the exchange: the client left mid-way
                 # (a disconnect seen after the last byte went out is no loss).
                 c.disconnects += 1
+            usage = box.usage
+            if isinstance(reservation, Reservation):
+                if sched.settle(reservation, usage):
+                    log.warning("budget warning agent=%s: 85%% of a budget is used", identity.agent)
+            if usage is not None:
+                agent.input_tokens += usage.all_input_tokens
+                agent.output_tokens += usage.output_tokens
+                if usage.estimated:
+                    agent.estimated_requests += 1
             if isinstance(final, dict):
                 await send(final)
             elif final is not None:
                 await _respond(send, final)
             c.in_flight -= 1
+            agent.in_flight -= 1
             if status:
                 c.by_status[status] += 1
+                agent.by_status[status] += 1
+                if status >= 400 and final is not END_BODY:
+                    agent.failures += 1
             log.info(
-                "%s %s -> %s agent=%s route=%s status=%s bytes=%d ms=%.1f%s",
+                "%s %s -> %s agent=%s lane=%s priority=%s queue_ms=%.1f attempts=%d status=%s tokens=%s bytes=%d ms=%.1f%s",
                 request.method,
                 target.url.path,
                 target.url.host,
                 identity.agent,
-                target.route,
+                lane.key,
+                info_priority_name(info.priority),
+                queued * 1000,
+                attempts,
                 status or "-",
+                "-" if usage is None else f"{usage.all_input_tokens}/{usage.output_tokens}{'~' if usage.estimated else ''}",
                 result.bytes_sent,
                 (trio.current_time() - t0) * 1000,
                 "" if started or status else " (client gone)",
@@ -259,19 +360,151 @@ class ProxyApp:
 # -- helpers ------------------------------------------------------------------
 
 
-async def _upstream(rt: Runtime, request, target: Target, result: RelayResult, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Owns the exchange: report the head, then pump the body; the pool slot
-    is released when this task ends, whatever the writer is doing."""
-    async with rt.forwarder.open(request, target) as resp:
-        kind = StreamKind.of(resp.headers)
-        send_ch, recv_ch = trio.open_memory_channel(16)
-        task_status.started((resp.status, resp.headers, recv_ch, kind))
-        await pump(resp.stream, send_ch, kind, rt.config.server.stall_timeout, result)
+@attrs.define
+class _UsageBox:
+    usage: Usage | None = None
+
+
+@attrs.frozen
+class _Head:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    # The whole body of an error answer (read so it can be retried or relayed
+    # as one piece); None for a response relayed as it streams.
+    body: bytes | None
+    items: trio.MemoryReceiveChannel | None
+    kind: StreamKind
+    outcome: Outcome
+
+
+async def _upstream(rt: Runtime, lane: Lane, ticket: Ticket, request, target: Target, result: RelayResult, box: _UsageBox, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """One admitted attempt: report the head, then pump the body.  The lane
+    slot and the pool slot are released when this task ends, whatever the
+    writer is doing."""
+    ok: bool | None = None
+    t_start = trio.current_time()
+    output_tokens: int | None = None
+    headers_scope = trio.CancelScope()
+    try:
+        with headers_scope:
+            lane.watch_headers(headers_scope)
+            try:
+                async with rt.forwarder.open(request, target) as resp:
+                    lane.unwatch_headers(headers_scope)
+                    kind = StreamKind.of(resp.headers)
+                    if resp.status >= 400 and not (kind.sse or kind.ndjson):
+                        body = await _read_all(resp.stream)
+                        outcome = lane.on_response(ticket, resp.status, resp.headers, body)
+                        ok = False
+                        task_status.started(_Head(resp.status, resp.headers, body, None, kind, outcome))
+                        return
+                    outcome = lane.on_response(ticket, resp.status, resp.headers)
+                    meter = UsageMeter(h.get(resp.headers, b"content-type"), h.get(resp.headers, b"content-encoding"),
+                                       request_bytes=len(request.content))
+                    send_ch, recv_ch = trio.open_memory_channel(16)
+                    task_status.started(_Head(resp.status, resp.headers, None, recv_ch, kind, outcome))
+                    await pump(_metered(resp.stream, meter), send_ch, kind, rt.config.server.stall_timeout, result)
+                    usage = meter.finish()
+                    box.usage = usage
+                    output_tokens = None if usage.estimated else usage.output_tokens
+                    if result.broken is not None:
+                        lane.on_failure(ticket, OutcomeKind.STREAM_BROKEN_AFTER_BYTES)
+                        ok = False
+                    else:
+                        ok = resp.status < 400 and not result.stalled
+            except errors.ProxyError as exc:
+                lane.unwatch_headers(headers_scope)
+                lane.on_failure(ticket, OutcomeKind(getattr(exc, "transport_kind", "connect_error")))
+                raise
+            finally:
+                lane.unwatch_headers(headers_scope)
+        if headers_scope.cancelled_caught:
+            lane.on_cancelled(ticket)
+            raise BreakerCancelled()
+    finally:
+        if ok is None and not headers_scope.cancelled_caught:
+            lane.on_cancelled(ticket)
+        lane.release(ticket, ok=ok, latency=trio.current_time() - t_start, output_tokens=output_tokens)
     if result.stalled:
         # Counted here, not by the writer: the writer may stay parked in
         # Hypercorn's shielded send until the client's socket dies.
         rt.counters.stalls += 1
         log.warning("client stopped reading for %.0f s; upstream %s released", rt.config.server.stall_timeout, target.route)
+
+
+async def _metered(chunks, meter: UsageMeter):
+    """Tee raw chunks into the usage meter (a side copy: the client gets the raw bytes)."""
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            meter.feed(chunk)
+            yield chunk
+
+
+async def _read_all(chunks) -> bytes:
+    parts = []
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _should_retry(rt: Runtime, lane: Lane, info: RequestInfo, outcome: Outcome, attempts: int, agent) -> bool:
+    """Decide on a failed attempt; sleeps the back-off when the answer is yes."""
+    cfg = rt.config.scheduler
+    if not cfg.retry:
+        return False
+    now = trio.current_time()
+    deadline = info.deadline if info.client_deadline is None else min(info.deadline, info.client_deadline)
+    decision = lane.policy.decide(
+        outcome, attempts, now, lane.rng,
+        deadline=deadline, client_retry_count=info.client_retry_count, budget=lane.retry_budget,
+    )
+    if decision.action is not Action.RETRY:
+        if decision.action is Action.GIVE_UP:
+            log.info("not retrying on lane %s: %s (%s)", lane.key, decision.reason, outcome.status or outcome.kind.value)
+        return False
+    lane.retries += 1
+    agent.retries += 1
+    await trio.sleep(decision.delay)
+    return True
+
+
+def _no_retry(headers: list[tuple[bytes, bytes]], attempts: int) -> list[tuple[bytes, bytes]]:
+    """The proxy already retried: tell the SDK not to multiply attempts."""
+    if attempts <= 1:
+        return headers
+    return [(k, v) for k, v in headers if k.lower() != b"x-should-retry"] + [(b"x-should-retry", b"false")]
+
+
+def _request_info(rt: Runtime, identity: Identity, priority: Priority, body: bytes, headers: list[tuple[bytes, bytes]]) -> RequestInfo:
+    now = trio.current_time()
+    max_tokens, model = peek_request(body)
+    client_deadline = None
+    for name in (b"x-stainless-timeout", b"x-stainless-read-timeout"):
+        raw = h.get(headers, name)
+        if raw is None:
+            continue
+        try:
+            secs = float(raw.decode("latin-1").strip())
+        except ValueError:
+            continue
+        if math.isfinite(secs) and secs > 0:
+            client_deadline = now + secs
+            break
+    return RequestInfo(
+        agent=identity.agent,
+        priority=int(priority),
+        input_estimate=max(1, len(body) // 4),
+        max_tokens=max_tokens,
+        model=model,
+        deadline=now + rt.config.scheduler.queue_timeout if client_deadline is None else min(now + rt.config.scheduler.queue_timeout, client_deadline),
+        client_deadline=client_deadline,
+        client_retry_count=parse_retry_count(h.get(headers, b"x-stainless-retry-count")),
+    )
+
+
+def info_priority_name(priority: int) -> str:
+    return Priority(priority).name.lower()
 
 
 async def _watch_disconnect(receive, scope: trio.CancelScope, result: RelayResult) -> None:
@@ -309,14 +542,17 @@ async def _read_body(scope: Scope, receive, limit: int) -> tuple[bytes, bool]:
     return b"".join(parts), declared is not None
 
 
-def _info(rt: Runtime, identity: Identity, t0: float, attempts: int) -> list[tuple[bytes, bytes]]:
-    if not rt.config.server.info_headers:
-        return []
-    return [
-        (b"x-hivemind-agent", identity.agent.encode("utf-8", "replace")),
-        (b"x-hivemind-queue-ms", b"0"),
-        (b"x-hivemind-attempts", str(attempts).encode()),
-    ]
+def _info(rt: Runtime, identity: Identity, queued: float, attempts: int, warn: bool = False) -> list[tuple[bytes, bytes]]:
+    out = []
+    if rt.config.server.info_headers:
+        out += [
+            (b"x-hivemind-agent", identity.agent.encode("utf-8", "replace")),
+            (b"x-hivemind-queue-ms", str(round(queued * 1000)).encode()),
+            (b"x-hivemind-attempts", str(attempts).encode()),
+        ]
+    if warn:
+        out.append((b"x-hivemind-budget-warning", b"over 85% of a token budget is used"))
+    return out
 
 
 def _closing(rendered: tuple[int, list[tuple[bytes, bytes]], bytes]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

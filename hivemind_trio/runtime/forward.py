@@ -44,6 +44,9 @@ class Target:
     route: str
     url: httpx.URL  # full upstream URL: base + forwarded path + query
     profile: Profile
+    # Configured limits of the route (0 = learn them from the headers).
+    rpm: int = 0
+    tpm: int = 0
 
     @property
     def host_header(self) -> bytes:
@@ -62,6 +65,8 @@ class _CompiledRoute:
     # Anthropic client behind such an upstream still gets Anthropic errors,
     # rate-limit headers and usage parsing.
     by_shape: bool
+    rpm: int
+    tpm: int
 
 
 class Router:
@@ -80,7 +85,7 @@ class Router:
             base = httpx.URL(r.url)
             profile = profiles[r.profile] if r.profile else profile_for_host(base.netloc.decode("ascii"), profiles)
             by_shape = not r.profile and profile.name == GENERIC
-            compiled.append(_CompiledRoute(r.name, r.prefix, r.strip_prefix, base, profile, by_shape))
+            compiled.append(_CompiledRoute(r.name, r.prefix, r.strip_prefix, base, profile, by_shape, r.rpm, r.tpm))
         # Longest prefix first, so "/anthropic" wins over "/".
         self._routes = sorted(compiled, key=lambda c: len(c.prefix), reverse=True)
         self.zero_config = not self._routes
@@ -112,7 +117,7 @@ class Router:
                 profile = r.profile
                 if r.by_shape:
                     profile = detect_by_shape(method, rest, headers, self.profiles) or profile
-                return Target(r.name, _join(r.base, rest, query), profile)
+                return Target(r.name, _join(r.base, rest, query), profile, r.rpm, r.tpm)
         if not self.zero_config:
             return None
         profile = detect_by_shape(method, path, headers, self.profiles)
@@ -210,7 +215,9 @@ class _Exchange:
             except httpx.TransportError as exc:
                 raise translate(exc, self._target) from exc
             except OSError as exc:  # some transports leak raw socket errors
-                raise errors.UpstreamUnreachable(_describe(self._target, f"network error: {exc}")) from exc
+                err = errors.UpstreamUnreachable(_describe(self._target, f"network error: {exc}"))
+                err.transport_kind = "reset"
+                raise err from exc
         except BaseException:
             self._f._limiter.release()
             raise
@@ -249,12 +256,19 @@ def _describe(target: Target, why: str) -> str:
 
 def translate(exc: httpx.TransportError, target: Target) -> errors.ProxyError:
     """The one place lower-layer failures become provider-format errors."""
+    err: errors.ProxyError
     if isinstance(exc, httpx.ConnectTimeout):
-        return errors.UpstreamTimeout(_describe(target, "did not accept a connection in time"))
-    if isinstance(exc, httpx.ConnectError):
-        return errors.UpstreamUnreachable(_describe(target, f"is unreachable: {exc or 'connection failed'}"))
-    if isinstance(exc, httpx.TimeoutException):
-        return errors.UpstreamTimeout(_describe(target, f"timed out: {type(exc).__name__}"))
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return errors.UpstreamUnreachable(_describe(target, f"broke the connection: {exc or 'protocol error'}"))
-    return errors.UpstreamUnreachable(_describe(target, f"failed: {type(exc).__name__}: {exc}"))
+        err = errors.UpstreamTimeout(_describe(target, "did not accept a connection in time"))
+        err.transport_kind = "connect_error"
+    elif isinstance(exc, httpx.ConnectError):
+        err = errors.UpstreamUnreachable(_describe(target, f"is unreachable: {exc or 'connection failed'}"))
+    elif isinstance(exc, httpx.TimeoutException):
+        err = errors.UpstreamTimeout(_describe(target, f"timed out: {type(exc).__name__}"))
+    elif isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        # A peer that vanished mid-exchange (RST, or closed without a response).
+        err = errors.UpstreamUnreachable(_describe(target, f"broke the connection: {exc or type(exc).__name__}"))
+        err.transport_kind = "reset"
+    else:
+        err = errors.UpstreamUnreachable(_describe(target, f"failed: {type(exc).__name__}: {exc}"))
+        err.transport_kind = "protocol_error"
+    return err

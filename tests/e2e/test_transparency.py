@@ -162,8 +162,15 @@ async def test_response_status_headers_and_body_unchanged():
     up = Recorder(limited)
     async with serve_asgi(up) as url, await _proxy(url) as proxy:
         async with httpx.AsyncClient(base_url=proxy.url) as client:
-            # A streaming request gets the upstream's 429, never a 200 event stream.
-            r = await client.post("/v1/messages", content=b'{"stream": true}', headers={"anthropic-version": "2023-06-01"})
+            # A streaming request gets the upstream's 429, never a 200 event
+            # stream.  Its deadline (5 s, as an SDK says it) is shorter than
+            # the retry-after, so the proxy passes the 429 on at once instead
+            # of retrying (SPEC §5.7).
+            r = await client.post(
+                "/v1/messages",
+                content=b'{"stream": true}',
+                headers={"anthropic-version": "2023-06-01", "x-stainless-timeout": "5"},
+            )
     assert r.status_code == 429
     assert r.json()["error"]["message"] == "slow down"
     for name, value in [

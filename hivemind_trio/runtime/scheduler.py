@@ -1,0 +1,619 @@
+"""The Trio shell around the sans-io scheduling core: lanes, admission, outcomes.
+
+Theory of operation
+-------------------
+A *lane* is what shares one rate limit: (upstream, credential fingerprint).
+Each lane owns one of each core object (rate-limit tracker, AIMD window,
+circuit breaker, retry budget, fair queue) and one *dispatcher* task.
+
+A request that wants to go upstream takes a :class:`Ticket` and calls
+:meth:`Lane.wait_turn`: the ticket is pushed into the lane's fair queue and the
+request's task parks on the ticket's event, inside a cancel scope whose
+deadline is the request's (queue timeout or the client's own).
+
+The dispatcher is the only place that grants.  ``_dispatch(now)`` is a plain
+synchronous step (nowait-first, like Trio's own ``*_nowait`` methods): it
+takes the next ticket in queue order and admits it only if every gate is
+open — a free slot in the window (a ``trio.CapacityLimiter`` whose
+``total_tokens`` follows the AIMD window; the ticket itself is the borrower),
+the breaker allows, and the rate-limit pacer has room before the next reset.
+It returns the time at which a gate that is closed *by time* opens; gates
+closed by events (a slot, a breaker probe) are reopened by :meth:`Lane.kick`.
+The dispatcher task sleeps until the earlier of the two and steps again.  A
+ticket chosen but held back by pacing stays chosen (``_next``), so pacing
+cannot reorder the queue.
+
+An admitted ticket holds its slot until its upstream exchange ends (for a
+stream: its last byte), then :meth:`Lane.release` frees it and feeds the
+AIMD window.  Every upstream answer goes through :meth:`Lane.on_response` /
+:meth:`Lane.on_failure`, which update the tracker (headers, retry-after
+pauses, back-off), the window (overload signals) and the breaker.  When the
+breaker trips, the cancel scopes of attempts still waiting for response
+headers are cancelled; their requests go back into the queue as retries, so
+nothing is duplicated downstream (no byte was relayed yet).
+
+Everything here reads time from ``trio.current_time()``, so the autojump
+clock runs minute-long windows in milliseconds in the tests.  Lane state sits
+behind this one class: a shared backend (SPEC §7.5) replaces the core objects'
+state, not the Trio waiting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter as _Counter
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import trio
+
+from ..config import Config, SchedulerConfig
+from ..core import ratelimit as rl
+from ..core.aimd import AimdWindow
+from ..core.breaker import BreakerState, CircuitBreaker
+from ..core.budget import Budget, BudgetLimit, Refusal, Reservation
+from ..core.queue import FairQueue
+from ..core.retry import (
+    DEFAULT_QUOTA_MARKERS,
+    Outcome,
+    OutcomeKind,
+    RetryBudget,
+    RetryPolicy,
+    is_breaker_failure,
+    is_overload,
+)
+from ..core.usage import Usage
+from ..profiles import Profile
+from .headers import get as _header
+
+log = logging.getLogger("hivemind_trio.scheduler")
+
+# Output tokens assumed for pacing before a lane has seen any real usage.
+_DEFAULT_OUTPUT_GUESS = 256
+# A request body larger than this is not parsed for max_tokens / model.
+_PEEK_LIMIT = 4 * 1024 * 1024
+
+
+class QueueTimeout(Exception):
+    """A request's deadline passed while it waited for admission."""
+
+    def __init__(self, waited: float, retry_after: float) -> None:
+        super().__init__(f"waited {waited:.1f} s for admission")
+        self.waited = waited
+        self.retry_after = retry_after
+
+
+class BreakerCancelled(Exception):
+    """An attempt still waiting for headers was cancelled by a breaker trip."""
+
+
+@attrs.define(eq=False)
+class Ticket:
+    """One request's place in its lane (one per attempt)."""
+
+    id: int
+    agent: str
+    priority: int
+    tokens: int  # estimate used for pacing and fair-queue cost
+    deadline: float
+    retry: bool = False
+    event: trio.Event = attrs.field(factory=trio.Event)
+    granted: bool = False
+    done: bool = False
+    queued_at: float = 0.0
+    granted_at: float | None = None
+    # What the pacer charged, so a refused attempt can be refunded.
+    charged: int = 0
+
+
+@attrs.frozen
+class RequestInfo:
+    """What the scheduler needs to know about a request before it goes out."""
+
+    agent: str
+    priority: int
+    input_estimate: int
+    max_tokens: int | None
+    model: str | None
+    deadline: float  # absolute, trio clock
+    client_deadline: float | None
+    client_retry_count: int
+
+
+def peek_request(body: bytes) -> tuple[int | None, str | None]:
+    """``(max_tokens, model)`` from a JSON body, or Nones.  Never raises.
+
+    The body itself is never modified: this reads a copy.
+    """
+    if not body or len(body) > _PEEK_LIMIT or body.lstrip()[:1] != b"{":
+        return None, None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    mt: Any = None
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        if key in doc:
+            mt = doc[key]
+            break
+    else:
+        opts = doc.get("options")
+        if isinstance(opts, dict):
+            mt = opts.get("num_predict")
+    max_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else None
+    model = doc.get("model")
+    return max_tokens, model if isinstance(model, str) else None
+
+
+# -------------------------------------------------------------------- statistics
+
+
+@attrs.frozen
+class LaneStatistics:
+    key: str
+    route: str
+    profile: str
+    window: int
+    in_flight: int
+    queued: int
+    queue_by_priority: dict[str, int]
+    breaker: str
+    breaker_trips: int
+    paused_for: float
+    rate_limit: dict[str, dict[str, Any]]
+    retries: int
+    retry_budget: float
+    upstream_429: int
+    upstream_5xx: int
+    resets: int
+    admitted: int
+
+
+@attrs.define
+class AgentStats:
+    requests: int = 0
+    in_flight: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated_requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    queue_timeouts: int = 0
+    budget_refusals: int = 0
+    priority: str = "normal"
+    by_status: _Counter = attrs.field(factory=_Counter)
+
+
+_PRIORITY_NAMES = {0: "low", 1: "normal", 2: "high", 3: "critical"}
+
+
+# -------------------------------------------------------------------- the lane
+
+
+class Lane:
+    """One (upstream, credential) pair: its limits, window, breaker and queue."""
+
+    def __init__(self, key: str, route: str, profile: Profile, config: SchedulerConfig, *, rpm: int = 0, tpm: int = 0, rng: random.Random) -> None:
+        self.key = key
+        self.route = route
+        self.profile = profile
+        self.config = config
+        self.rng = rng
+        lim = profile.limits
+        rpm = rpm or lim.rpm
+        tpm = tpm or lim.tpm
+        self.tracker = rl.RateLimitTracker(rpm=rpm or None, tpm=tpm or None)
+        self.window = AimdWindow(min=lim.window_min, initial=lim.window_initial, max=lim.window_max)
+        self.limiter = trio.CapacityLimiter(self.window.limit)
+        self.breaker = CircuitBreaker()
+        self.retry_budget = RetryBudget(ratio=config.retry_budget)
+        self.queue = FairQueue(aging_interval=config.aging_interval if config.priority else math.inf)
+        self.policy = RetryPolicy(
+            max_attempts=config.max_attempts,
+            quota_markers=DEFAULT_QUOTA_MARKERS + tuple(profile.retry.quota_markers),
+        )
+        self.spec = _core_spec(profile)
+        self._tickets: dict[int, Ticket] = {}
+        self._next: Ticket | None = None
+        self._kick = trio.Event()
+        self._waiting_headers: set[trio.CancelScope] = set()
+        self.in_flight = 0
+        self.output_guess = float(_DEFAULT_OUTPUT_GUESS)
+        # Counters for status.
+        self.admitted = 0
+        self.retries = 0
+        self.upstream_429 = 0
+        self.upstream_5xx = 0
+        self.resets = 0
+
+    # -- waiting ------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Something changed that may open a gate: let the dispatcher look again."""
+        self._kick.set()
+
+    async def run(self) -> None:
+        """The dispatcher: grant tickets as gates open, sleep otherwise."""
+        while True:
+            self._kick = trio.Event()
+            wake_at = self._dispatch(trio.current_time())
+            with trio.move_on_at(wake_at):
+                await self._kick.wait()
+
+    def _pop(self, now: float) -> Ticket | None:
+        while True:
+            tid = self.queue.pop(now)
+            if tid is None:
+                return None
+            t = self._tickets.pop(tid, None)
+            if t is not None and not t.done:
+                return t
+
+    def _dispatch(self, now: float) -> float:
+        cfg = self.config
+        while True:
+            t = self._next
+            if t is None or t.done:
+                t = self._next = self._pop(now)
+                if t is None:
+                    return math.inf
+            if cfg.admission and self.limiter.borrowed_tokens >= self.limiter.total_tokens:
+                return math.inf
+            if cfg.breaker:
+                nxt = self.breaker.next_allowed_at(now)
+                if nxt is None:
+                    return math.inf  # a half-open probe is out; its outcome kicks
+                if nxt > now:
+                    return nxt
+            if cfg.ratelimit:
+                wait = self.tracker.reserve(now, t.tokens)
+                if wait > 0:
+                    return now + wait
+                t.charged = t.tokens
+            if cfg.breaker and not self.breaker.allow(now):
+                if cfg.ratelimit:
+                    self.tracker.refund(now, t.charged)
+                    t.charged = 0
+                return math.inf
+            if cfg.admission:
+                self.limiter.acquire_on_behalf_of_nowait(t)
+            self._next = None
+            t.granted = True
+            t.granted_at = now
+            self.in_flight += 1
+            self.admitted += 1
+            t.event.set()
+
+    async def wait_turn(self, t: Ticket) -> None:
+        """Queue ``t`` and wait until it is admitted; raises :class:`QueueTimeout`."""
+        now = trio.current_time()
+        t.queued_at = now
+        self._tickets[t.id] = t
+        self.queue.push(t.id, t.agent if self.config.priority else "", t.priority if self.config.priority else 1, t.tokens, now, retry=t.retry)
+        self.kick()
+        try:
+            with trio.move_on_at(t.deadline):
+                await t.event.wait()
+        except BaseException:
+            if t.granted:
+                # Admitted and cancelled in the same breath: give the slot back.
+                self.release(t, ok=None)
+            raise
+        finally:
+            if not t.granted:
+                t.done = True
+                self._tickets.pop(t.id, None)
+                self.queue.remove(t.id)
+                if self._next is t:
+                    self._next = None
+                self.kick()
+        if not t.granted:
+            now = trio.current_time()
+            raise QueueTimeout(now - t.queued_at, self.suggested_retry_after(now))
+
+    def suggested_retry_after(self, now: float) -> float:
+        """What to tell a client that could not be served: when trying again makes sense."""
+        wait = self.tracker.wait_time(now, 0) if self.config.ratelimit else 0.0
+        if self.config.breaker:
+            nxt = self.breaker.next_allowed_at(now)
+            if nxt is not None:
+                wait = max(wait, nxt - now)
+        return max(1.0, math.ceil(wait))
+
+    # -- outcomes -----------------------------------------------------------
+
+    def watch_headers(self, scope: trio.CancelScope) -> None:
+        self._waiting_headers.add(scope)
+
+    def unwatch_headers(self, scope: trio.CancelScope) -> None:
+        self._waiting_headers.discard(scope)
+
+    def on_response(self, t: Ticket, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes = b"") -> Outcome:
+        """Headers (and, for errors, the body) of an attempt arrived."""
+        now = trio.current_time()
+        headers = list(headers)
+        snapshot = self._snapshot(headers, now)
+        should = _header(headers, b"x-should-retry")
+        should_retry = None if should is None else should.strip().lower() == b"true"
+        outcome = Outcome.http(status, retry_after=snapshot.retry_after, body=body, should_retry=should_retry)
+        if self.config.ratelimit:
+            self.tracker.observe(snapshot)
+            if status == 429:
+                if snapshot.retry_after is None:
+                    self.tracker.backoff_429(now, self.rng)
+            elif status < 400:
+                self.tracker.record_success()
+        if status == 429:
+            self.upstream_429 += 1
+        elif status >= 500:
+            self.upstream_5xx += 1
+        ttfb = None if t.granted_at is None else now - t.granted_at
+        self._account(t, outcome, now, ttfb=ttfb)
+        return outcome
+
+    def on_failure(self, t: Ticket, kind: OutcomeKind) -> Outcome:
+        """An attempt failed at the transport level (or its stream broke)."""
+        now = trio.current_time()
+        if kind in (OutcomeKind.RESET, OutcomeKind.PROTOCOL_ERROR, OutcomeKind.STREAM_BROKEN_AFTER_BYTES):
+            self.resets += 1
+        outcome = Outcome.transport(kind)
+        self._account(t, outcome, now)
+        return outcome
+
+    def _account(self, t: Ticket, outcome: Outcome, now: float, *, ttfb: float | None = None) -> None:
+        cfg = self.config
+        if cfg.aimd:
+            if is_overload(outcome):
+                if self.window.on_overload(now, outcome.kind.value, started_at=t.granted_at):
+                    self._resize()
+            elif ttfb is not None and outcome.kind is OutcomeKind.OK:
+                if self.window.observe_ttfb(now, ttfb, t.granted_at):
+                    self._resize()
+        if cfg.breaker:
+            before = self.breaker.state
+            if is_breaker_failure(outcome):
+                self.breaker.record_failure(now, outcome.retry_after)
+            elif outcome.kind is OutcomeKind.OK:
+                self.breaker.record_success(now)
+            else:
+                # A 4xx or a 429: the upstream is up.  In half-open that
+                # settles the probe as a success.
+                self.breaker.record_success(now)
+            after = self.breaker.state
+            if after is BreakerState.OPEN and before is not BreakerState.OPEN:
+                log.warning("breaker of lane %s opened after %s", self.key, _describe(outcome))
+                for scope in list(self._waiting_headers):
+                    scope.cancel()
+            if after is not before:
+                self.kick()
+
+    def on_cancelled(self, t: Ticket) -> None:
+        """The attempt ended with no verdict (client gone, breaker cancel)."""
+        if self.config.breaker:
+            self.breaker.record_cancelled(trio.current_time())
+            self.kick()
+
+    def release(self, t: Ticket, *, ok: bool | None, latency: float | None = None, output_tokens: int | None = None) -> None:
+        """The attempt's upstream exchange is over: free its slot."""
+        if not t.granted or t.done:
+            return
+        t.done = True
+        now = trio.current_time()
+        in_flight = self.in_flight
+        self.in_flight -= 1
+        if self.config.admission:
+            self.limiter.release_on_behalf_of(t)
+        if ok and self.config.aimd:
+            before = self.window.limit
+            self.window.on_success(now, in_flight, latency=latency, started_at=t.granted_at)
+            if self.window.limit != before:
+                self._resize()
+        if output_tokens is not None and output_tokens >= 0:
+            self.output_guess += 0.2 * (output_tokens - self.output_guess)
+        self.kick()
+
+    def _resize(self) -> None:
+        if self.config.admission:
+            self.limiter.total_tokens = self.window.limit
+
+    def _snapshot(self, headers: list[tuple[bytes, bytes]], now: float) -> rl.RateLimitSnapshot:
+        wall = time.time()
+        if self.spec is not None:
+            return rl.parse_headers(self.spec, headers, now, wall)
+        retry_after = None
+        for name in self.profile.ratelimit.retry_after:
+            raw = _header(headers, name.encode())
+            if raw is not None:
+                retry_after = rl.parse_retry_after(name, raw.decode("latin-1"), wall)
+                if retry_after is not None:
+                    break
+        return rl.RateLimitSnapshot(at=now, resources={}, retry_after=retry_after)
+
+    # -- reading ------------------------------------------------------------
+
+    def pacing_cost(self, input_estimate: int, max_tokens: int | None) -> int:
+        out = self.output_guess if max_tokens is None else min(max_tokens, self.output_guess)
+        return max(1, int(input_estimate + out))
+
+    def statistics(self) -> LaneStatistics:
+        now = trio.current_time()
+        rs = self.tracker.statistics(now)
+        rate: dict[str, dict[str, Any]] = {}
+        for name, res in rs.resources.items():
+            rate[name] = {
+                "limit": res.limit,
+                "remaining": None if res.level is None else int(res.level),
+                "reset_in": None if res.reset_at is None else round(max(0.0, res.reset_at - now), 3),
+            }
+        depth = self.queue.depth_by_priority()
+        return LaneStatistics(
+            key=self.key,
+            route=self.route,
+            profile=self.profile.name,
+            window=self.window.limit,
+            in_flight=self.in_flight,
+            queued=sum(depth.values()),
+            queue_by_priority={_PRIORITY_NAMES[p]: n for p, n in sorted(depth.items(), reverse=True)},
+            breaker=self.breaker.state.value,
+            breaker_trips=self.breaker.statistics(now).trips,
+            paused_for=round(max(0.0, self.tracker.state.paused_until - now), 3),
+            rate_limit=rate,
+            retries=self.retries,
+            retry_budget=round(self.retry_budget.statistics().balance, 3),
+            upstream_429=self.upstream_429,
+            upstream_5xx=self.upstream_5xx,
+            resets=self.resets,
+            admitted=self.admitted,
+        )
+
+
+# -------------------------------------------------------------------- the scheduler
+
+
+class Scheduler:
+    """All lanes and budgets of one proxy (or one :class:`SchedulingTransport`)."""
+
+    def __init__(self, config: Config, *, seed: int | None = None) -> None:
+        self.config = config
+        self.sched = config.scheduler
+        self.rng = random.Random(seed)
+        self.lanes: dict[str, Lane] = {}
+        self.agents: dict[str, AgentStats] = {}
+        self.budget = Budget(limits=_budget_limits(config), warn_ratio=0.85)
+        self._ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self._pending: list[Lane] = []
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run lane dispatchers in ``nursery`` (the lifespan's or the embedder's)."""
+        self._nursery = nursery
+        for lane in self._pending:
+            nursery.start_soon(lane.run)
+        self._pending.clear()
+
+    def _spawn(self, lane: Lane) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(lane.run)
+        else:
+            # No nursery yet (a server that skipped the lifespan, or a
+            # transport used outside ``async with``): a system task, which
+            # ends with the Trio run and crashes it if it ever fails.
+            trio.lowlevel.spawn_system_task(lane.run, name=f"hivemind lane {lane.key}")
+
+    def lane_for(self, route: str, profile: Profile, credential: str, *, rpm: int = 0, tpm: int = 0) -> Lane:
+        key = f"{route}:{credential or '-'}"
+        lane = self.lanes.get(key)
+        if lane is None:
+            lane = Lane(key, route, profile, self.sched, rpm=rpm, tpm=tpm, rng=self.rng)
+            self.lanes[key] = lane
+            self._spawn(lane)
+        return lane
+
+    def new_ticket(self, info: RequestInfo, lane: Lane, *, retry: bool = False) -> Ticket:
+        return Ticket(
+            id=next(self._ids),
+            agent=info.agent,
+            priority=info.priority,
+            tokens=lane.pacing_cost(info.input_estimate, info.max_tokens),
+            deadline=info.deadline,
+            retry=retry,
+        )
+
+    def agent(self, name: str) -> AgentStats:
+        stats = self.agents.get(name)
+        if stats is None:
+            stats = self.agents[name] = AgentStats()
+        return stats
+
+    # -- budgets ----------------------------------------------------------------
+
+    def reserve(self, info: RequestInfo) -> Reservation | Refusal | None:
+        """Take the budget reservation for a request (None: budgets are off)."""
+        if not self.sched.budgets:
+            return None
+        est_out = info.max_tokens if info.max_tokens is not None else _DEFAULT_OUTPUT_GUESS
+        return self.budget.reserve(
+            info.agent,
+            info.input_estimate + est_out,
+            time.time(),
+            model=info.model,
+            est_input=info.input_estimate,
+            est_output=est_out,
+        )
+
+    def settle(self, reservation: Reservation | None, usage: Usage | None) -> bool:
+        """Replace a reservation by what was used; True if a budget is at its warning level."""
+        if reservation is None:
+            return False
+        if usage is None:
+            self.budget.release(reservation)
+            return False
+        charge = self.budget.reconcile(reservation, usage.all_input_tokens, usage.output_tokens)
+        return bool(charge is not None and charge.warning)
+
+    def budget_left(self, agent: str) -> int | None:
+        return self.budget.remaining_tokens(agent, time.time())
+
+    # -- reading ----------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        lanes = [attrs.asdict(lane.statistics()) for lane in self.lanes.values()]
+        agents = {}
+        for name, a in sorted(self.agents.items()):
+            d = attrs.asdict(a)
+            d["by_status"] = {str(k): v for k, v in sorted(a.by_status.items())}
+            d["budget_left"] = self.budget_left(name) if self.sched.budgets else None
+            agents[name] = d
+        return {"lanes": lanes, "agents": agents}
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _core_spec(profile: Profile) -> rl.RateLimitSpec | None:
+    p = profile.ratelimit
+    if not p.resources:
+        return None
+    return rl.RateLimitSpec(
+        limit=p.limit,
+        remaining=p.remaining,
+        reset=p.reset,
+        resources=p.resources,
+        reset_format=p.reset_format,
+        retry_after=p.retry_after,
+    )
+
+
+def _describe(outcome: Outcome) -> str:
+    return str(outcome.status) if outcome.status is not None else outcome.kind.value
+
+
+def _budget_limits(config: Config) -> tuple[BudgetLimit, ...]:
+    b = config.budget
+    out = []
+    if b.agent_tokens:
+        out.append(BudgetLimit(period=b.period, tokens=b.agent_tokens, scope="agent"))
+    if b.global_tokens:
+        out.append(BudgetLimit(period=b.period, tokens=b.global_tokens, scope="global"))
+    return tuple(out)
+
+
+__all__ = [
+    "BreakerCancelled",
+    "Lane",
+    "QueueTimeout",
+    "RequestInfo",
+    "Scheduler",
+    "Ticket",
+    "peek_request",
+]
