@@ -544,7 +544,9 @@ class RateLimitTracker:
             return 0.0
         if res.limit is not None:
             need = min(need, float(res.limit))
-        if res.level >= need:
+        # A billionth of a unit of slack: refill is float arithmetic, and a
+        # caller that waited exactly the advised time must be admitted.
+        if res.level + 1e-9 >= need:
             return 0.0
         if res.rate > 0:
             return (need - res.level) / res.rate
