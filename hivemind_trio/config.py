@@ -276,7 +276,7 @@ class SchedulerConfig:
     # Upstream attempts per request, the first included.
     max_attempts: int = attrs.field(default=4, validator=_at_least(1))
     # Retries are at most this fraction of a lane's recent requests.
-    retry_budget: float = attrs.field(default=0.2, validator=_between(0, 1))
+    retry_budget: float = attrs.field(default=0.5, validator=_between(0, 1))
     # Seconds of waiting that promote a queued request by one priority class
     # (so low never starves).
     aging_interval: float = attrs.field(default=10.0, validator=_at_least(0.001))

@@ -450,8 +450,18 @@ class RateLimitTracker:
 
     # -- knowledge ---------------------------------------------------------
 
-    def observe(self, snapshot: RateLimitSnapshot) -> None:
-        """Take in what a response said.  Older snapshots than the last one are ignored."""
+    def observe(self, snapshot: RateLimitSnapshot, *, unseen_requests: int = 0, unseen_tokens: int = 0) -> None:
+        """Take in what a response said.  Older snapshots than the last one are ignored.
+
+        ``unseen_requests`` / ``unseen_tokens``: what this lane admitted after
+        the request that carried the snapshot went out.  The provider's
+        ``remaining`` cannot include them yet, so they are taken off it;
+        otherwise every response of a busy lane would hand back the slots its
+        own requests in flight are about to use, and the lane would overshoot
+        into 429s.  (Some of them may already have been counted upstream:
+        subtracting them again errs on the safe side, and the next snapshot
+        corrects it.)
+        """
         st = self.state
         if snapshot.at < st.last_snapshot_at:
             # A long stream's headers arrive long before we read them; an
@@ -483,9 +493,15 @@ class RateLimitTracker:
                     # A full bucket says nothing about its rate; assume the
                     # usual per-minute bucket.
                     rate = limit / WINDOW
+            if "request" in name:
+                unseen = unseen_requests
+            elif name == "output-tokens":
+                unseen = 0
+            else:
+                unseen = unseen_tokens
             st.resources[name] = ResourceState(
                 limit=limit,
-                level=float(info.remaining),
+                level=float(max(0, info.remaining - max(0, unseen))),
                 level_at=now,
                 reset_at=reset_at,
                 rate=rate,

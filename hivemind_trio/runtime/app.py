@@ -235,6 +235,7 @@ class ProxyApp:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, result)
                 retry = False
+                limited = 0  # attempts that ended in a 429
                 while True:
                     ticket = sched.new_ticket(info, lane, retry=retry)
                     tq = trio.current_time()
@@ -262,7 +263,7 @@ class ProxyApp:
                         continue
                     except errors.ProxyError as exc:
                         outcome = Outcome.transport(OutcomeKind(getattr(exc, "transport_kind", "connect_error")))
-                        if await _should_retry(rt, lane, info, outcome, attempts, agent):
+                        if await _should_retry(rt, lane, info, outcome, attempts - limited, agent):
                             retry = True
                             continue
                         c.upstream_errors += 1
@@ -271,8 +272,10 @@ class ProxyApp:
                         break
                     if head.body is not None:
                         # An error answer, read whole: retry it or pass it on untouched.
-                        if await _should_retry(rt, lane, info, head.outcome, attempts, agent):
+                        if await _should_retry(rt, lane, info, head.outcome, attempts - limited, agent):
                             retry = True
+                            if head.status == 429:
+                                limited += 1
                             continue
                         status = head.status
                         out = _no_retry(h.end_to_end(head.headers), attempts)
@@ -449,6 +452,9 @@ async def _read_all(chunks) -> bytes:
 
 
 async def _should_retry(rt: Runtime, lane: Lane, info: RequestInfo, outcome: Outcome, attempts: int, agent) -> bool:
+    # ``attempts`` counts the failures that use up a request's allowance: a
+    # 429 does not, since the lane itself already waits out its retry-after
+    # (the deadline and the lane's retry budget still bound those retries).
     """Decide on a failed attempt; sleeps the back-off when the answer is yes."""
     cfg = rt.config.scheduler
     if not cfg.retry:
@@ -461,7 +467,7 @@ async def _should_retry(rt: Runtime, lane: Lane, info: RequestInfo, outcome: Out
     )
     if decision.action is not Action.RETRY:
         if decision.action is Action.GIVE_UP:
-            log.info("not retrying on lane %s: %s (%s)", lane.key, decision.reason, outcome.status or outcome.kind.value)
+            log.warning("not retrying on lane %s: %s (%s)", lane.key, decision.reason, outcome.status or outcome.kind.value)
         return False
     lane.retries += 1
     agent.retries += 1

@@ -110,6 +110,10 @@ class Ticket:
     granted_at: float | None = None
     # What the pacer charged, so a refused attempt can be refunded.
     charged: int = 0
+    # The lane's admission counters right after this ticket was admitted:
+    # what the lane admits later, the provider's next headers cannot know of.
+    mark_requests: int = 0
+    mark_tokens: int = 0
 
 
 @attrs.frozen
@@ -229,6 +233,7 @@ class Lane:
         self.output_guess = float(_DEFAULT_OUTPUT_GUESS)
         # Counters for status.
         self.admitted = 0
+        self.admitted_tokens = 0
         self.retries = 0
         self.upstream_429 = 0
         self.upstream_5xx = 0
@@ -290,6 +295,9 @@ class Lane:
             t.granted_at = now
             self.in_flight += 1
             self.admitted += 1
+            self.admitted_tokens += t.charged
+            t.mark_requests = self.admitted
+            t.mark_tokens = self.admitted_tokens
             t.event.set()
 
     async def wait_turn(self, t: Ticket) -> None:
@@ -345,7 +353,11 @@ class Lane:
         should_retry = None if should is None else should.strip().lower() == b"true"
         outcome = Outcome.http(status, retry_after=snapshot.retry_after, body=body, should_retry=should_retry)
         if self.config.ratelimit:
-            self.tracker.observe(snapshot)
+            self.tracker.observe(
+                snapshot,
+                unseen_requests=self.admitted - t.mark_requests,
+                unseen_tokens=self.admitted_tokens - t.mark_tokens,
+            )
             if status == 429:
                 if snapshot.retry_after is None:
                     self.tracker.backoff_429(now, self.rng)
@@ -447,10 +459,14 @@ class Lane:
         now = trio.current_time()
         rs = self.tracker.statistics(now)
         rate: dict[str, dict[str, Any]] = {}
+        if rs.rpm is not None:
+            rate["configured_rpm"] = {"limit": rs.rpm, "remaining": max(0, int(rs.rpm) - rs.requests_in_window), "reset_in": None}
+        if rs.tpm is not None:
+            rate["configured_tpm"] = {"limit": rs.tpm, "remaining": max(0, int(rs.tpm) - rs.tokens_in_window), "reset_in": None}
         for name, res in rs.resources.items():
             rate[name] = {
                 "limit": res.limit,
-                "remaining": None if res.level is None else int(res.level),
+                "remaining": None if res.remaining is None else int(res.remaining),
                 "reset_in": None if res.reset_at is None else round(max(0.0, res.reset_at - now), 3),
             }
         depth = self.queue.depth_by_priority()
@@ -464,7 +480,7 @@ class Lane:
             queue_by_priority={_PRIORITY_NAMES[p]: n for p, n in sorted(depth.items(), reverse=True)},
             breaker=self.breaker.state.value,
             breaker_trips=self.breaker.statistics(now).trips,
-            paused_for=round(max(0.0, self.tracker.state.paused_until - now), 3),
+            paused_for=round(max(0.0, rs.paused_until - now), 3),
             rate_limit=rate,
             retries=self.retries,
             retry_budget=round(self.retry_budget.statistics().balance, 3),
