@@ -27,6 +27,7 @@ import json
 import math
 import random
 import secrets
+import signal
 import sys
 import time
 from collections import Counter
@@ -450,6 +451,11 @@ def run_mock_from_args(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_mock, provider, args.host, args.port)
             print(f"mock provider listening on http://{args.host}:{port}", flush=True)
+            # SIGINT and SIGTERM end the run cleanly (exit 0), like `serve`.
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)

@@ -279,19 +279,12 @@ async def test_cli_mock_alone_then_serve_upstream_in_front_of_it(tmp_path: Path)
             ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "`hivemind-trio mock` on Ctrl+C: the KeyboardInterrupt reaches trio.run wrapped in the "
-        "nursery's BaseExceptionGroup, which run_mock_from_args (sim/mock.py) does not catch "
-        "(`except KeyboardInterrupt`): traceback, exit status 1"
-    ),
-)
-async def test_cli_mock_exits_cleanly_on_sigint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_cli_mock_exits_cleanly_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
     with trio.fail_after(GUARD):
         async with spawn(*MOCK_ARGV, env=child_env(), cwd=tmp_path) as mock:
             await mock.wait_for(MOCK_LISTENING, "stdout")
-            await assert_exits_cleanly(mock, signal.SIGINT)
+            await assert_exits_cleanly(mock, sig)
 
 
 # ------------------------------------------------- strict configuration at start
