@@ -1,0 +1,1 @@
+"""State backends: the budget ledger (SQLite); the shared Redis backend comes later."""
