@@ -296,8 +296,9 @@ class BudgetConfig:
     agent_tokens: int = attrs.field(default=0, validator=_at_least(0))
     global_tokens: int = attrs.field(default=0, validator=_at_least(0))
     period: str = attrs.field(default="day", validator=_one_of(*BUDGET_PERIODS))
-    # SQLite ledger that keeps the counters across restarts; "" = the default
-    # location chosen by the budget code.
+    # SQLite ledger that keeps day/hour counters across restarts (used when a
+    # budget is set): a path, "" for $XDG_STATE_HOME/hivemind-trio/budget.sqlite3,
+    # or "off".
     ledger: str = ""
 
 

@@ -73,6 +73,7 @@ class Runtime:
         self.started_at = trio.current_time()
 
     async def aclose(self) -> None:
+        self.scheduler.close()
         await self.forwarder.aclose()
 
     def priority_of(self, identity: Identity, own: dict[bytes, bytes], headers: list[tuple[bytes, bytes]]) -> Priority:

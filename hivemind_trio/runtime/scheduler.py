@@ -70,6 +70,7 @@ from ..core.retry import (
 )
 from ..core.usage import Usage
 from ..profiles import Profile
+from ..state.ledger import Ledger, default_ledger_path
 from .headers import get as _header
 
 log = logging.getLogger("hivemind_trio.scheduler")
@@ -504,6 +505,11 @@ class Scheduler:
         self.lanes: dict[str, Lane] = {}
         self.agents: dict[str, AgentStats] = {}
         self.budget = Budget(limits=_budget_limits(config), warn_ratio=0.85)
+        self.ledger: Ledger | None = None
+        if self.sched.budgets and self.budget.limits and config.budget.ledger != "off":
+            self.ledger = Ledger(config.budget.ledger or default_ledger_path())
+            loaded = self.ledger.load_into(self.budget)
+            log.info("budget ledger %s: %d counters read", self.ledger.path, loaded)
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._pending: list[Lane] = []
@@ -513,9 +519,24 @@ class Scheduler:
     def attach(self, nursery: trio.Nursery) -> None:
         """Run lane dispatchers in ``nursery`` (the lifespan's or the embedder's)."""
         self._nursery = nursery
+        if self.ledger is not None:
+            nursery.start_soon(self._flush_ledger)
         for lane in self._pending:
             nursery.start_soon(lane.run)
         self._pending.clear()
+
+    async def _flush_ledger(self) -> None:
+        assert self.ledger is not None
+        while True:
+            await trio.sleep(1.0)
+            if self.ledger.dirty:
+                self.ledger.flush(self.budget)
+
+    def close(self) -> None:
+        """Write what the ledger has not written yet (at shutdown)."""
+        if self.ledger is not None:
+            self.ledger.close(self.budget)
+            self.ledger = None
 
     def _spawn(self, lane: Lane) -> None:
         if self._nursery is not None:
@@ -575,6 +596,8 @@ class Scheduler:
             self.budget.release(reservation)
             return False
         charge = self.budget.reconcile(reservation, usage.all_input_tokens, usage.output_tokens)
+        if self.ledger is not None:
+            self.ledger.mark(reservation.keys)
         return bool(charge is not None and charge.warning)
 
     def budget_left(self, agent: str) -> int | None:
