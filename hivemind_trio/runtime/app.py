@@ -115,6 +115,11 @@ class ProxyApp:
         self._transport = transport
         self.runtime: Runtime | None = None
 
+    def begin_shutdown(self) -> None:
+        """Stop admitting: queued and new requests get 503/529 + Retry-After."""
+        if self.runtime is not None:
+            self.runtime.scheduler.shut()
+
     def _ensure_runtime(self) -> Runtime:
         if self.runtime is None:
             config = self._config if self._config is not None else load_config()
@@ -246,8 +251,13 @@ class ProxyApp:
                         queued += exc.waited
                         agent.queue_timeouts += 1
                         cls = errors.Overloaded if fmt == errors.ANTHROPIC else errors.Unavailable
+                        why = (
+                            "the proxy is shutting down"
+                            if exc.shutting_down
+                            else f"no upstream capacity for {exc.waited:.1f} s on '{target.route}'"
+                        )
                         err = cls(
-                            f"hivemind_trio: no upstream capacity for {exc.waited:.1f} s on '{target.route}'; try again later",
+                            f"hivemind_trio: {why}; try again later",
                             headers=(("retry-after", str(int(exc.retry_after))),),
                         )
                         status, hdrs, body = err.render(fmt)
@@ -472,7 +482,7 @@ async def _should_retry(rt: Runtime, lane: Lane, info: RequestInfo, outcome: Out
         return False
     lane.retries += 1
     agent.retries += 1
-    await trio.sleep(decision.delay)
+    await rt.scheduler.pause(decision.delay)
     return True
 
 

@@ -82,12 +82,14 @@ _PEEK_LIMIT = 4 * 1024 * 1024
 
 
 class QueueTimeout(Exception):
-    """A request's deadline passed while it waited for admission."""
+    """A request's deadline passed while it waited for admission (or the
+    proxy is shutting down and will not admit it)."""
 
-    def __init__(self, waited: float, retry_after: float) -> None:
-        super().__init__(f"waited {waited:.1f} s for admission")
+    def __init__(self, waited: float, retry_after: float, *, shutting_down: bool = False) -> None:
+        super().__init__("the proxy is shutting down" if shutting_down else f"waited {waited:.1f} s for admission")
         self.waited = waited
         self.retry_after = retry_after
+        self.shutting_down = shutting_down
 
 
 class BreakerCancelled(Exception):
@@ -107,6 +109,8 @@ class Ticket:
     event: trio.Event = attrs.field(factory=trio.Event)
     granted: bool = False
     done: bool = False
+    # Set when the proxy shuts down: the waiter is woken and told to retry.
+    refused: bool = False
     queued_at: float = 0.0
     granted_at: float | None = None
     # What the pacer charged, so a refused attempt can be refunded.
@@ -230,6 +234,7 @@ class Lane:
         self._next: Ticket | None = None
         self._kick = trio.Event()
         self._waiting_headers: set[trio.CancelScope] = set()
+        self.closing = False
         self.in_flight = 0
         self.output_guess = float(_DEFAULT_OUTPUT_GUESS)
         # Counters for status.
@@ -305,6 +310,8 @@ class Lane:
         """Queue ``t`` and wait until it is admitted; raises :class:`QueueTimeout`."""
         now = trio.current_time()
         t.queued_at = now
+        if self.closing:
+            raise QueueTimeout(0.0, 1.0, shutting_down=True)
         self._tickets[t.id] = t
         self.queue.push(t.id, t.agent if self.config.priority else "", t.priority if self.config.priority else 1, t.tokens, now, retry=t.retry)
         self.kick()
@@ -326,7 +333,18 @@ class Lane:
                 self.kick()
         if not t.granted:
             now = trio.current_time()
-            raise QueueTimeout(now - t.queued_at, self.suggested_retry_after(now))
+            raise QueueTimeout(now - t.queued_at, 1.0 if t.refused else self.suggested_retry_after(now), shutting_down=t.refused)
+
+    def shut(self) -> None:
+        """Admit nothing more: every queued request is woken and told to retry."""
+        self.closing = True
+        for t in list(self._tickets.values()):
+            if not t.granted:
+                t.refused = True
+                t.event.set()
+        if self._next is not None and not self._next.granted:
+            self._next.refused = True
+            self._next.event.set()
 
     def suggested_retry_after(self, now: float) -> float:
         """What to tell a client that could not be served: when trying again makes sense."""
@@ -470,7 +488,12 @@ class Lane:
                 "remaining": None if res.remaining is None else int(res.remaining),
                 "reset_in": None if res.reset_at is None else round(max(0.0, res.reset_at - now), 3),
             }
-        depth = self.queue.depth_by_priority()
+        depth = dict(self.queue.depth_by_priority())
+        held = self._next
+        if held is not None and not held.done and not held.granted:
+            # Chosen by the dispatcher, waiting for a gate: still queued.
+            p = held.priority if self.config.priority else 1
+            depth[p] = depth.get(p, 0) + 1
         return LaneStatistics(
             key=self.key,
             route=self.route,
@@ -513,6 +536,8 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._pending: list[Lane] = []
+        self.closing = False
+        self.closed = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -531,6 +556,20 @@ class Scheduler:
             await trio.sleep(1.0)
             if self.ledger.dirty:
                 self.ledger.flush(self.budget)
+
+    async def pause(self, delay: float) -> None:
+        """A retry's back-off: cut short when the proxy shuts down (the retry
+        then meets a closed queue and the client is told to come back)."""
+        with trio.move_on_after(delay):
+            await self.closed.wait()
+
+    def shut(self) -> None:
+        """Graceful shutdown (SPEC §8.4): queued requests get 503/529 + Retry-After
+        at once; requests already upstream finish."""
+        self.closing = True
+        self.closed.set()
+        for lane in self.lanes.values():
+            lane.shut()
 
     def close(self) -> None:
         """Write what the ledger has not written yet (at shutdown)."""
@@ -552,6 +591,7 @@ class Scheduler:
         lane = self.lanes.get(key)
         if lane is None:
             lane = Lane(key, route, profile, self.sched, rpm=rpm, tpm=tpm, rng=self.rng)
+            lane.closing = self.closing
             self.lanes[key] = lane
             self._spawn(lane)
         return lane

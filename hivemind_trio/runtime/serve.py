@@ -75,11 +75,19 @@ async def open_proxy(
     hc = hypercorn_config(config, host=host, port=port)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=shutdown.wait))
+        binds = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=partial(_trigger, app, shutdown)))
         try:
             yield Proxy(url=binds[0], app=app)
         finally:
             shutdown.set()
+
+
+async def _trigger(app: ProxyApp, shutdown: trio.Event) -> None:
+    """Hypercorn's shutdown trigger: queued requests are told to retry at once
+    (they would otherwise sit out the grace period and then lose their
+    connection); requests already upstream finish within the grace."""
+    await shutdown.wait()
+    app.begin_shutdown()
 
 
 async def serve(config: Config, *, mock_port: int | None = None) -> None:
@@ -109,7 +117,7 @@ async def serve(config: Config, *, mock_port: int | None = None) -> None:
             config = attrs.evolve(config, upstream=mock_url, routes=())
         app = ProxyApp(config)
         hc = hypercorn_config(config)
-        binds = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=shutdown.wait))
+        binds = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=partial(_trigger, app, shutdown)))
         for b in binds:
             print(f"hivemind_trio proxy listening on {b}", flush=True)
         await shutdown.wait()
