@@ -309,7 +309,8 @@ class UsageParser:
             stripped = self._sniff.lstrip()
             if stripped.startswith(b"\xef\xbb\xbf"):
                 stripped = stripped[3:].lstrip()
-            if not stripped:
+            if not stripped or b"\xef\xbb\xbf".startswith(stripped):
+                # Nothing yet, or only part of a byte order mark: wait for more.
                 return
             self._mode = "json" if stripped[:1] in (b"{", b"[") else "sse"
             data, self._sniff = self._sniff, b""
@@ -483,6 +484,10 @@ class UsageParser:
                     fields.update(cache_creation=0, cache_read=0)
                 self._take(fields, "ollama", final=True, replace=True)
             return
+        if isinstance(obj.get("type"), str):
+            # A typed event we do not know (Anthropic/Responses): skip it, even
+            # if it has a "usage"; chat chunks and bodies carry no "type".
+            return
         u = obj.get("usage")
         if isinstance(u, dict):
             self._take(self._openai(u), "openai_chat", final=True, replace=True)
@@ -494,7 +499,8 @@ class UsageParser:
         return self._chunks
 
     def _estimate_output(self) -> int:
-        if self._mode == "json":
+        if self._mode == "json" or self._body_bytes:
+            # A body (even one that fell back to JSON lines at finish).
             return self._body_bytes // 4
         return self._chunks
 
