@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import secrets
+import signal
 from collections import Counter
 from contextlib import aclosing
 from email.utils import formatdate
@@ -115,6 +116,10 @@ class ProxyApp:
         self._transport = transport
         self.runtime: Runtime | None = None
 
+    def prepare(self) -> Runtime:
+        """Build the runtime now (instead of at lifespan start-up)."""
+        return self._ensure_runtime()
+
     def begin_shutdown(self) -> None:
         """Stop admitting: queued and new requests get 503/529 + Retry-After."""
         if self.runtime is not None:
@@ -147,15 +152,34 @@ class ProxyApp:
             log.error("hivemind_trio cannot start: %s", exc)
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
-        # The lane dispatchers live here, for as long as the server runs.
-        async with trio.open_nursery() as nursery:
-            rt.scheduler.attach(nursery)
+        if rt.scheduler.attached:
+            # open_proxy / serve run the dispatchers in their own nursery, where
+            # a crash propagates to the caller.
             await send({"type": "lifespan.startup.complete"})
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
-            nursery.cancel_scope.cancel()
+        else:
+            await self._lifespan_with_dispatchers(rt, receive, send)
         await rt.aclose()
         await send({"type": "lifespan.shutdown.complete"})
+
+    async def _lifespan_with_dispatchers(self, rt: Runtime, receive, send) -> None:
+        """Under a bare ASGI server the lane dispatchers live in the lifespan task.
+        Hypercorn only logs a failed lifespan task and goes on serving, which
+        would leave a proxy that queues forever: a crash stops the process
+        instead (SPEC §8.4), so a supervisor can restart it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                rt.scheduler.attach(nursery)
+                await send({"type": "lifespan.startup.complete"})
+                while (await receive())["type"] != "lifespan.shutdown":
+                    pass
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.critical("hivemind_trio scheduler crashed; stopping the server", exc_info=True)
+            rt.scheduler.shut()
+            signal.raise_signal(signal.SIGTERM)
+            raise
 
     # -- HTTP ---------------------------------------------------------------
 

@@ -53,20 +53,23 @@ from typing import Any
 import attrs
 import trio
 
-from ..config import Config, SchedulerConfig
+from ..config import AgentRule, Config, SchedulerConfig
 from ..core import ratelimit as rl
 from ..core.aimd import AimdWindow
 from ..core.breaker import BreakerState, CircuitBreaker
+from ..core.identity import Identity, Priority
 from ..core.budget import Budget, BudgetLimit, Refusal, Reservation
 from ..core.queue import FairQueue
 from ..core.retry import (
     DEFAULT_QUOTA_MARKERS,
+    Action,
     Outcome,
     OutcomeKind,
     RetryBudget,
     RetryPolicy,
     is_breaker_failure,
     is_overload,
+    parse_retry_count,
 )
 from ..core.usage import Usage
 from ..profiles import Profile
@@ -544,6 +547,9 @@ class Scheduler:
     def attach(self, nursery: trio.Nursery) -> None:
         """Run lane dispatchers in ``nursery`` (the lifespan's or the embedder's)."""
         self._nursery = nursery
+        for lane in self._pending:
+            nursery.start_soon(lane.run)
+        self._pending.clear()
         if self.ledger is not None:
             nursery.start_soon(self._flush_ledger)
         for lane in self._pending:
@@ -576,6 +582,10 @@ class Scheduler:
         if self.ledger is not None:
             self.ledger.close(self.budget)
             self.ledger = None
+
+    @property
+    def attached(self) -> bool:
+        return self._nursery is not None
 
     def _spawn(self, lane: Lane) -> None:
         if self._nursery is not None:
@@ -656,6 +666,100 @@ class Scheduler:
         return {"lanes": lanes, "agents": agents}
 
 
+# -------------------------------------------------------------------- shared by the edges
+#
+# The ASGI app and SchedulingTransport put requests through the same steps;
+# these are the steps that do not depend on how bytes reach the client.
+
+
+def priority_of(rules: Iterable[AgentRule], identity: Identity, own: dict[bytes, bytes], headers: list[tuple[bytes, bytes]]) -> Priority:
+    """x-hivemind-priority, else the first matching agent rule, else normal (SPEC §4.3)."""
+    explicit = Priority.parse(own.get(b"x-hivemind-priority"))
+    if explicit is not None:
+        return explicit
+    ua = (_header(headers, b"user-agent") or b"").decode("latin-1")
+    for rule in rules:
+        if rule.matches(identity.agent, ua):
+            return Priority.parse(rule.priority) or Priority.NORMAL
+    return Priority.NORMAL
+
+
+def request_info(config: SchedulerConfig, identity: Identity, priority: Priority, body: bytes, headers: list[tuple[bytes, bytes]]) -> RequestInfo:
+    """What the scheduler needs to know about a request: estimates, deadlines, the client's retry count."""
+    now = trio.current_time()
+    max_tokens, model = peek_request(body)
+    client_deadline = None
+    for name in (b"x-stainless-timeout", b"x-stainless-read-timeout"):
+        raw = _header(headers, name)
+        if raw is None:
+            continue
+        try:
+            secs = float(raw.decode("latin-1").strip())
+        except ValueError:
+            continue
+        if math.isfinite(secs) and secs > 0:
+            client_deadline = now + secs
+            break
+    queue_deadline = now + config.queue_timeout
+    return RequestInfo(
+        agent=identity.agent,
+        priority=int(priority),
+        input_estimate=max(1, len(body) // 4),
+        max_tokens=max_tokens,
+        model=model,
+        deadline=queue_deadline if client_deadline is None else min(queue_deadline, client_deadline),
+        client_deadline=client_deadline,
+        client_retry_count=parse_retry_count(_header(headers, b"x-stainless-retry-count")),
+    )
+
+
+async def should_retry(scheduler: Scheduler, lane: Lane, info: RequestInfo, outcome: Outcome, attempts: int, agent: AgentStats) -> bool:
+    """Decide on a failed attempt; sleeps the back-off when the answer is yes
+    (cut short by a shutdown, see :meth:`Scheduler.pause`).
+
+    ``attempts`` counts the failures that use up a request's allowance: a
+    429 does not, since the lane itself already waits out its retry-after
+    (the deadline and the lane's retry budget still bound those retries).
+    """
+    if not scheduler.sched.retry:
+        return False
+    now = trio.current_time()
+    deadline = info.deadline if info.client_deadline is None else min(info.deadline, info.client_deadline)
+    decision = lane.policy.decide(
+        outcome, attempts, now, lane.rng,
+        deadline=deadline, client_retry_count=info.client_retry_count, budget=lane.retry_budget,
+    )
+    if decision.action is not Action.RETRY:
+        if decision.action is Action.GIVE_UP:
+            log.warning("not retrying on lane %s: %s (%s)", lane.key, decision.reason, outcome.status or outcome.kind.value)
+        return False
+    lane.retries += 1
+    agent.retries += 1
+    await scheduler.pause(decision.delay)
+    return True
+
+
+def no_retry(headers: list[tuple[bytes, bytes]], attempts: int) -> list[tuple[bytes, bytes]]:
+    """The final failure after retries: tell the SDK not to multiply attempts (SPEC §5.7)."""
+    if attempts <= 1:
+        return headers
+    return [(k, v) for k, v in headers if k.lower() != b"x-should-retry"] + [(b"x-should-retry", b"false")]
+
+
+def info_headers(enabled: bool, agent: str, queued: float, attempts: int, warn: bool = False) -> list[tuple[bytes, bytes]]:
+    """The proxy's informational response headers (SPEC §3.8) and the budget warning."""
+    out = []
+    if enabled:
+        out += [
+            (b"x-hivemind-agent", agent.encode("utf-8", "replace")),
+            (b"x-hivemind-queue-ms", str(round(queued * 1000)).encode()),
+            (b"x-hivemind-attempts", str(attempts).encode()),
+        ]
+    if warn:
+        out.append((b"x-hivemind-budget-warning", b"over 85% of a token budget is used"))
+    return out
+
+
 # -------------------------------------------------------------------- helpers
 
 
@@ -694,5 +798,10 @@ __all__ = [
     "RequestInfo",
     "Scheduler",
     "Ticket",
+    "info_headers",
+    "no_retry",
     "peek_request",
+    "priority_of",
+    "request_info",
+    "should_retry",
 ]

@@ -74,12 +74,19 @@ async def open_proxy(
     app = ProxyApp(config, transport=transport)
     hc = hypercorn_config(config, host=host, port=port)
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=partial(_trigger, app, shutdown)))
-        try:
-            yield Proxy(url=binds[0], app=app)
-        finally:
-            shutdown.set()
+    # The configuration is checked and the lanes' dispatchers run here, in the
+    # caller's task tree: a crash in one propagates out of this block.
+    rt = app.prepare()
+    async with trio.open_nursery() as outer:
+        rt.scheduler.attach(outer)
+        async with trio.open_nursery() as server:
+            binds = await server.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=partial(_trigger, app, shutdown)))
+            try:
+                yield Proxy(url=binds[0], app=app)
+            finally:
+                shutdown.set()
+        # Hypercorn has drained: the dispatchers are no longer needed.
+        outer.cancel_scope.cancel()
 
 
 async def _trigger(app: ProxyApp, shutdown: trio.Event) -> None:
@@ -116,10 +123,14 @@ async def serve(config: Config, *, mock_port: int | None = None) -> None:
             print(f"mock provider listening on {mock_url}", flush=True)
             config = attrs.evolve(config, upstream=mock_url, routes=())
         app = ProxyApp(config)
+        rt = app.prepare()
+        # Lane dispatchers here: a crash ends trio.run, and the process with it.
+        rt.scheduler.attach(nursery)
         hc = hypercorn_config(config)
-        binds = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=partial(_trigger, app, shutdown)))
-        for b in binds:
-            print(f"hivemind_trio proxy listening on {b}", flush=True)
-        await shutdown.wait()
-        # Hypercorn has drained; the mock (if any) goes with the nursery.
+        async with trio.open_nursery() as server:
+            binds = await server.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=partial(_trigger, app, shutdown)))
+            for b in binds:
+                print(f"hivemind_trio proxy listening on {b}", flush=True)
+        # Hypercorn has drained (within shutdown_grace); the mock and the
+        # dispatchers go with the nursery.
         nursery.cancel_scope.cancel()

@@ -449,10 +449,11 @@ def run_mock_from_args(args: argparse.Namespace) -> int:
     async def main() -> None:
         provider = MockProvider(config, log_file=log_file, verbose=getattr(args, "verbose", False))
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_mock, provider, args.host, args.port)
-            print(f"mock provider listening on http://{args.host}:{port}", flush=True)
-            # SIGINT and SIGTERM end the run cleanly (exit 0), like `serve`.
+            # SIGINT and SIGTERM end the run cleanly (exit 0), like `serve`;
+            # caught from before the "listening" line, which callers wait for.
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                port = await nursery.start(serve_mock, provider, args.host, args.port)
+                print(f"mock provider listening on http://{args.host}:{port}", flush=True)
                 async for _ in signals:
                     break
             nursery.cancel_scope.cancel()
