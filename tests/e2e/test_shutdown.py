@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
 from hivemind_trio import Config, ServerConfig, open_proxy
@@ -56,3 +57,28 @@ async def test_queued_and_backing_off_requests_get_529_with_retry_after_on_shutd
         assert r.json()["error"]["type"] == "overloaded_error"
         assert "shutting down" in r.json()["error"]["message"]
         assert r.headers["retry-after"] == "1"
+
+
+async def test_a_crashed_dispatcher_stops_the_embedded_proxy(monkeypatch) -> None:
+    """SPEC §8.4: a proxy whose scheduler died must not go on serving without it."""
+    from hivemind_trio.runtime import scheduler
+
+    def broken(self, now):
+        raise RuntimeError("dispatcher bug")
+
+    monkeypatch.setattr(scheduler.Lane, "_dispatch", broken)
+
+    async def ok(scope, receive, send):  # never reached: nothing is admitted
+        raise AssertionError("a request went upstream without the scheduler")
+
+    async with serve_asgi(ok) as url:
+        with trio.fail_after(GUARD), pytest.RaisesGroup(
+            pytest.RaisesExc(RuntimeError, match="dispatcher bug"), flatten_subgroups=True
+        ):
+            async with open_proxy(Config(upstream=url)) as proxy, httpx.AsyncClient(timeout=GUARD) as client:
+                try:
+                    await client.post(proxy.url + "/v1/messages", content=b"{}",
+                                      headers={"anthropic-version": "2023-06-01", "x-api-key": "k"})
+                except httpx.TransportError:
+                    pass  # the connection may go down with the server
+                await trio.sleep_forever()
