@@ -18,6 +18,7 @@ import signal
 from collections import Counter
 from contextlib import aclosing
 from email.utils import formatdate
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -58,6 +59,28 @@ class Counters:
     websockets_total: int = 0
 
 
+@attrs.frozen
+class RequestRecord:
+    """What one finished request did: the one record that logs and metrics read."""
+
+    method: str
+    path: str
+    route: str
+    lane: str
+    agent: str
+    priority: str
+    status: int  # 0 when the client left before any status
+    attempts: int
+    queue_s: float
+    ttfb_s: float | None  # first body byte relayed to the client
+    total_s: float
+    input_tokens: int | None
+    output_tokens: int | None
+    estimated: bool
+    bytes_sent: int
+    client_gone: bool
+
+
 class Runtime:
     """Per-process state of a running proxy."""
 
@@ -68,6 +91,8 @@ class Runtime:
         self.forwarder = Forwarder(config, transport)
         self.counters = Counters()
         self.scheduler = Scheduler(config)
+        # Called with every RequestRecord (metrics register here).
+        self.sinks: list[Callable[[RequestRecord], None]] = []
         # Salt for credential fingerprints: per process, never persisted, so a
         # fingerprint cannot be turned back into a key from logs.
         self.salt = secrets.token_bytes(32)
@@ -76,6 +101,10 @@ class Runtime:
     async def aclose(self) -> None:
         self.scheduler.close()
         await self.forwarder.aclose()
+
+    def record(self, rec: RequestRecord) -> None:
+        for sink in self.sinks:
+            sink(rec)
 
     def priority_of(self, identity: Identity, own: dict[bytes, bytes], headers: list[tuple[bytes, bytes]]) -> Priority:
         """x-hivemind-priority, else the first matching agent rule, else normal (SPEC §4.3)."""
@@ -104,6 +133,7 @@ class Runtime:
             "pool": {"in_use": pool.borrowed_tokens, "size": pool.total_tokens, "waiting": pool.tasks_waiting},
             "uptime_s": round(trio.current_time() - self.started_at, 3),
             **self.scheduler.statistics(),
+            "events": list(self.scheduler.events)[-50:],
         }
 
 
@@ -254,6 +284,7 @@ class ProxyApp:
             if isinstance(reservation, Refusal):
                 agent.budget_refusals += 1
                 log.warning("budget refused agent=%s: %s", identity.agent, reservation.message)
+                sched.emit("budget_refused", agent=identity.agent, lane=lane.key, period=reservation.period)
                 err = errors.BudgetExhausted(reservation.message, headers=(("x-should-retry", "false"),))
                 status, hdrs, body = err.render(fmt)
                 final = (status, hdrs + _info(rt, identity, 0.0, 0), body)
@@ -274,6 +305,8 @@ class ProxyApp:
                     except QueueTimeout as exc:
                         queued += exc.waited
                         agent.queue_timeouts += 1
+                        if not exc.shutting_down:
+                            sched.emit("queue_timeout", agent=identity.agent, lane=lane.key, waited=round(exc.waited, 3))
                         cls = errors.Overloaded if fmt == errors.ANTHROPIC else errors.Unavailable
                         why = (
                             "the proxy is shutting down"
@@ -346,6 +379,7 @@ class ProxyApp:
             if isinstance(reservation, Reservation):
                 if sched.settle(reservation, usage):
                     log.warning("budget warning agent=%s: 85%% of a budget is used", identity.agent)
+                    sched.emit("budget_warning", agent=identity.agent, lane=lane.key)
             if usage is not None:
                 agent.input_tokens += usage.all_input_tokens
                 agent.output_tokens += usage.output_tokens
@@ -362,6 +396,24 @@ class ProxyApp:
                 agent.by_status[status] += 1
                 if status >= 400 and final is not END_BODY:
                     agent.failures += 1
+            rt.record(RequestRecord(
+                method=request.method,
+                path=target.url.path,
+                route=target.route,
+                lane=lane.key,
+                agent=identity.agent,
+                priority=info_priority_name(info.priority),
+                status=status,
+                attempts=attempts,
+                queue_s=queued,
+                ttfb_s=None if result.first_byte_at is None else result.first_byte_at - t0,
+                total_s=trio.current_time() - t0,
+                input_tokens=None if usage is None else usage.all_input_tokens,
+                output_tokens=None if usage is None else usage.output_tokens,
+                estimated=bool(usage is not None and usage.estimated),
+                bytes_sent=result.bytes_sent,
+                client_gone=not (started or status),
+            ))
             log.info(
                 "%s %s -> %s agent=%s lane=%s priority=%s queue_ms=%.1f attempts=%d status=%s tokens=%s bytes=%d ms=%.1f%s",
                 request.method,

@@ -47,7 +47,8 @@ import math
 import random
 import time
 from collections import Counter as _Counter
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -57,8 +58,8 @@ from ..config import AgentRule, Config, SchedulerConfig
 from ..core import ratelimit as rl
 from ..core.aimd import AimdWindow
 from ..core.breaker import BreakerState, CircuitBreaker
-from ..core.identity import Identity, Priority
 from ..core.budget import Budget, BudgetLimit, Refusal, Reservation
+from ..core.identity import Identity, Priority
 from ..core.queue import FairQueue
 from ..core.retry import (
     DEFAULT_QUOTA_MARKERS,
@@ -118,10 +119,14 @@ class Ticket:
     granted_at: float | None = None
     # What the pacer charged, so a refused attempt can be refunded.
     charged: int = 0
-    # The lane's admission counters right after this ticket was admitted:
-    # what the lane admits later, the provider's next headers cannot know of.
+    # The lane's *settled* counters when this ticket was admitted: the
+    # attempts that had already had their answer, so the provider surely
+    # counted them before this one.  Every other attempt of the lane (admitted
+    # later, or admitted earlier but still on its way: parallel requests reach
+    # the provider in any order) may be missing from this one's headers.
     mark_requests: int = 0
     mark_tokens: int = 0
+    settled: bool = False
 
 
 @attrs.frozen
@@ -213,8 +218,10 @@ _PRIORITY_NAMES = {0: "low", 1: "normal", 2: "high", 3: "critical"}
 class Lane:
     """One (upstream, credential) pair: its limits, window, breaker and queue."""
 
-    def __init__(self, key: str, route: str, profile: Profile, config: SchedulerConfig, *, rpm: int = 0, tpm: int = 0, rng: random.Random) -> None:
+    def __init__(self, key: str, route: str, profile: Profile, config: SchedulerConfig, *, rpm: int = 0, tpm: int = 0, rng: random.Random, emit: Callable[..., None] | None = None) -> None:
         self.key = key
+        # Scheduler events (trips, pauses) for the log, status and dashboard.
+        self.emit = emit or (lambda kind, **detail: None)
         self.route = route
         self.profile = profile
         self.config = config
@@ -243,6 +250,9 @@ class Lane:
         # Counters for status.
         self.admitted = 0
         self.admitted_tokens = 0
+        # Admitted attempts that got an answer (or ended): see Ticket.mark_requests.
+        self.settled = 0
+        self.settled_tokens = 0
         self.retries = 0
         self.upstream_429 = 0
         self.upstream_5xx = 0
@@ -305,8 +315,8 @@ class Lane:
             self.in_flight += 1
             self.admitted += 1
             self.admitted_tokens += t.charged
-            t.mark_requests = self.admitted
-            t.mark_tokens = self.admitted_tokens
+            t.mark_requests = self.settled
+            t.mark_tokens = self.settled_tokens
             t.event.set()
 
     async def wait_turn(self, t: Ticket) -> None:
@@ -375,20 +385,30 @@ class Lane:
         should_retry = None if should is None else should.strip().lower() == b"true"
         outcome = Outcome.http(status, retry_after=snapshot.retry_after, body=body, should_retry=should_retry)
         if self.config.ratelimit:
+            paused_before = self.tracker.state.paused_until
+            # Unseen: every other attempt not settled when this one went out.
+            # Counting only those admitted after it assumed the provider sees
+            # requests in admission order; a burst admitted together races,
+            # and the first to arrive upstream (the highest remaining) could
+            # be read last and hand back slots the others had used.
             self.tracker.observe(
                 snapshot,
-                unseen_requests=self.admitted - t.mark_requests,
-                unseen_tokens=self.admitted_tokens - t.mark_tokens,
+                unseen_requests=self.admitted - 1 - t.mark_requests if t.granted else 0,
+                unseen_tokens=self.admitted_tokens - t.charged - t.mark_tokens if t.granted else 0,
             )
             if status == 429:
                 if snapshot.retry_after is None:
-                    self.tracker.backoff_429(now, self.rng)
+                    delay = self.tracker.backoff_429(now, self.rng)
+                    self.emit("backoff", lane=self.key, seconds=round(delay, 3), status=status)
+                elif self.tracker.state.paused_until > paused_before:
+                    self.emit("pause", lane=self.key, seconds=round(self.tracker.state.paused_until - now, 3), status=status)
             elif status < 400:
                 self.tracker.record_success()
         if status == 429:
             self.upstream_429 += 1
         elif status >= 500:
             self.upstream_5xx += 1
+        self._settle(t)
         ttfb = None if t.granted_at is None else now - t.granted_at
         self._account(t, outcome, now, ttfb=ttfb)
         return outcome
@@ -399,8 +419,15 @@ class Lane:
         if kind in (OutcomeKind.RESET, OutcomeKind.PROTOCOL_ERROR, OutcomeKind.STREAM_BROKEN_AFTER_BYTES):
             self.resets += 1
         outcome = Outcome.transport(kind)
+        self._settle(t)
         self._account(t, outcome, now)
         return outcome
+
+    def _settle(self, t: Ticket) -> None:
+        if t.granted and not t.settled:
+            t.settled = True
+            self.settled += 1
+            self.settled_tokens += t.charged
 
     def _account(self, t: Ticket, outcome: Outcome, now: float, *, ttfb: float | None = None) -> None:
         cfg = self.config
@@ -424,9 +451,13 @@ class Lane:
             after = self.breaker.state
             if after is BreakerState.OPEN and before is not BreakerState.OPEN:
                 log.warning("breaker of lane %s opened after %s", self.key, _describe(outcome))
+                self.emit("breaker_open", lane=self.key, after=_describe(outcome),
+                          cooldown=round(self.breaker.statistics(now).cooldown, 3))
                 for scope in list(self._waiting_headers):
                     scope.cancel()
             if after is not before:
+                if after is BreakerState.CLOSED:
+                    self.emit("breaker_closed", lane=self.key)
                 self.kick()
 
     def on_cancelled(self, t: Ticket) -> None:
@@ -440,6 +471,7 @@ class Lane:
         if not t.granted or t.done:
             return
         t.done = True
+        self._settle(t)
         now = trio.current_time()
         in_flight = self.in_flight
         self.in_flight -= 1
@@ -541,6 +573,9 @@ class Scheduler:
         self._pending: list[Lane] = []
         self.closing = False
         self.closed = trio.Event()
+        # Recent scheduler events, newest last (status, dashboard feed).
+        self.events: deque[dict[str, Any]] = deque(maxlen=200)
+        self._event_seq = itertools.count(1)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -600,11 +635,17 @@ class Scheduler:
         key = f"{route}:{credential or '-'}"
         lane = self.lanes.get(key)
         if lane is None:
-            lane = Lane(key, route, profile, self.sched, rpm=rpm, tpm=tpm, rng=self.rng)
+            lane = Lane(key, route, profile, self.sched, rpm=rpm, tpm=tpm, rng=self.rng, emit=self.emit)
             lane.closing = self.closing
             self.lanes[key] = lane
             self._spawn(lane)
         return lane
+
+    def emit(self, kind: str, **detail: Any) -> None:
+        """Record a scheduler event (breaker trips, pauses, budget warnings...)."""
+        event = {"seq": next(self._event_seq), "t": round(time.time(), 3), "kind": kind, **detail}
+        self.events.append(event)
+        log.info("event %s %s", kind, " ".join(f"{k}={v}" for k, v in detail.items()))
 
     def new_ticket(self, info: RequestInfo, lane: Lane, *, retry: bool = False) -> Ticket:
         return Ticket(
