@@ -444,6 +444,19 @@ class ProxyApp:
         if path == b"/hivemind/status":
             await _respond_json(send, 200, rt.status())
             return
+        if path == b"/hivemind/metrics":
+            from ..admin.metrics import render_metrics
+
+            ctype, body = render_metrics(rt)
+            await _respond(send, (200, [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())], body))
+            return
+        if path == b"/hivemind":
+            from ..admin.dashboard import dashboard_page
+
+            body = dashboard_page()
+            await _respond(send, (200, [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-cache"),
+                                        (b"content-length", str(len(body)).encode())], body))
+            return
         await _respond(send, errors.NotFound(f"no admin endpoint {raw_path.decode('latin-1')}").render(errors.PLAIN))
 
 
