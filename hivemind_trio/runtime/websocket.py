@@ -11,6 +11,8 @@ either side closes the other with the same code.
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,7 @@ import trio_websocket
 from ..core import errors
 from ..core.identity import identify
 from . import headers as h
+from .scheduler import QueueTimeout, Ticket
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -83,11 +86,13 @@ async def relay_websocket(rt: Runtime, scope: dict[str, Any], receive, send) -> 
             c.websockets_open += 1
             c.websockets_total += 1
             log.info("websocket %s -> %s agent=%s route=%s opened", raw_path.decode("latin-1"), url.host, identity.agent, target.route)
+            turns = _Turns(rt, target, identity, client_headers, own)
             try:
-                nursery.start_soon(_client_to_upstream, receive, upstream, nursery.cancel_scope)
-                await _upstream_to_client(upstream, send)
+                nursery.start_soon(_client_to_upstream, receive, upstream, nursery.cancel_scope, turns, send)
+                await _upstream_to_client(upstream, send, turns)
                 nursery.cancel_scope.cancel()
             finally:
+                turns.close()
                 c.websockets_open -= 1
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await upstream.aclose()
@@ -111,7 +116,91 @@ async def relay_websocket(rt: Runtime, scope: dict[str, Any], receive, send) -> 
                 await stream.aclose()
 
 
-async def _client_to_upstream(receive, upstream: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+class _Turns:
+    """Each ``response.create`` frame passes the lane's scheduler like an HTTP
+    request (SPEC §3.9): it is held until admitted, and its slot is freed when
+    the upstream's terminal event for it (``response.completed`` /
+    ``.incomplete`` / ``.failed`` or ``error``) comes back.  Responses on one
+    socket are answered in order, so tickets are matched first in, first out."""
+
+    _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+
+    def __init__(self, rt: Runtime, target, identity, client_headers, own) -> None:
+        from .app import _request_info  # the same request model as HTTP
+
+        self.rt = rt
+        self.sched = rt.scheduler
+        self.identity = identity
+        self.client_headers = client_headers
+        self.priority = rt.priority_of(identity, own, client_headers)
+        self.lane = self.sched.lane_for(target.route, target.profile, identity.credential, rpm=target.rpm, tpm=target.tpm)
+        self.agent = self.sched.agent(identity.agent)
+        self._info = _request_info
+        self.pending: collections.deque[Ticket] = collections.deque()
+
+    async def admit(self, frame: str) -> str | None:
+        """Wait for a ``response.create`` frame's turn; None if it may go now,
+        else the error event to answer the client with instead."""
+        if '"response.create"' not in frame:
+            return None
+        try:
+            doc = json.loads(frame)
+        except ValueError:
+            return None
+        if not isinstance(doc, dict) or doc.get("type") != "response.create":
+            return None
+        info = self._info(self.rt, self.identity, self.priority, frame.encode(), self.client_headers)
+        ticket = self.sched.new_ticket(info, self.lane)
+        self.agent.requests += 1
+        try:
+            await self.lane.wait_turn(ticket)
+        except QueueTimeout as exc:
+            self.agent.queue_timeouts += 1
+            why = "the proxy is shutting down" if exc.shutting_down else f"no upstream capacity for {exc.waited:.1f} s"
+            return json.dumps({"type": "error", "status": 503, "error": {
+                "type": "server_error", "code": "hivemind_unavailable", "message": f"hivemind_trio: {why}; try again later"}})
+        self.pending.append(ticket)
+        self.agent.in_flight += 1
+        return None
+
+    def answered(self, frame: str) -> None:
+        """Look at an upstream frame; a terminal event frees the oldest turn."""
+        if not self.pending or not any(f'"{t}"' in frame for t in self._TERMINAL):
+            return
+        try:
+            doc = json.loads(frame)
+        except ValueError:
+            return
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        if kind not in self._TERMINAL:
+            return
+        ticket = self.pending.popleft()
+        self.agent.in_flight -= 1
+        usage = doc.get("response", {}).get("usage") if isinstance(doc.get("response"), dict) else None
+        out = None
+        if isinstance(usage, dict):
+            inp, out = usage.get("input_tokens"), usage.get("output_tokens")
+            if isinstance(inp, int) and isinstance(out, int):
+                self.agent.input_tokens += inp
+                self.agent.output_tokens += out
+            else:
+                out = None
+        ok = kind in ("response.completed", "response.incomplete")
+        if not ok:
+            self.agent.failures += 1
+        self.lane.release(ticket, ok=ok or None, output_tokens=out)
+
+    def close(self) -> None:
+        """The socket is gone: turns still out end with no verdict."""
+        while self.pending:
+            ticket = self.pending.popleft()
+            self.agent.in_flight -= 1
+            self.lane.on_cancelled(ticket)
+            self.lane.release(ticket, ok=None)
+
+
+async def _client_to_upstream(receive, upstream: trio_websocket.WebSocketConnection, scope: trio.CancelScope,
+                              turns: _Turns, send) -> None:
     while True:
         message = await receive()
         kind = message["type"]
@@ -119,6 +208,11 @@ async def _client_to_upstream(receive, upstream: trio_websocket.WebSocketConnect
             data = message.get("text")
             if data is None:
                 data = message.get("bytes") or b""
+            else:
+                refusal = await turns.admit(data)
+                if refusal is not None:
+                    await send({"type": "websocket.send", "text": refusal})
+                    continue
             try:
                 await upstream.send_message(data)
             except trio_websocket.ConnectionClosed:
@@ -131,12 +225,13 @@ async def _client_to_upstream(receive, upstream: trio_websocket.WebSocketConnect
             return
 
 
-async def _upstream_to_client(upstream: trio_websocket.WebSocketConnection, send) -> None:
+async def _upstream_to_client(upstream: trio_websocket.WebSocketConnection, send, turns: _Turns) -> None:
     try:
         while True:
             data = await upstream.get_message()
             if isinstance(data, str):
                 await send({"type": "websocket.send", "text": data})
+                turns.answered(data)
             else:
                 await send({"type": "websocket.send", "bytes": data})
     except trio_websocket.ConnectionClosed as exc:
