@@ -19,9 +19,12 @@ open — a free slot in the window (a ``trio.CapacityLimiter`` whose
 the breaker allows, and the rate-limit pacer has room before the next reset.
 It returns the time at which a gate that is closed *by time* opens; gates
 closed by events (a slot, a breaker probe) are reopened by :meth:`Lane.kick`.
-The dispatcher task sleeps until the earlier of the two and steps again.  A
-ticket chosen but held back by pacing stays chosen (``_next``), so pacing
-cannot reorder the queue.
+The dispatcher task sleeps until the earlier of the two and steps again.  The
+gates that do not depend on the ticket (window, breaker, pause, rpm, requests
+bucket) are looked at before a ticket is chosen, so a request arriving while
+the lane is closed still competes on priority.  A ticket chosen but held back
+by pacing of its own size stays chosen (``_next``), so pacing cannot reorder
+the queue.
 
 An admitted ticket holds its slot until its upstream exchange ends (for a
 stream: its last byte), then :meth:`Lane.release` frees it and feeds the
@@ -284,11 +287,10 @@ class Lane:
     def _dispatch(self, now: float) -> float:
         cfg = self.config
         while True:
-            t = self._next
-            if t is None or t.done:
-                t = self._next = self._pop(now)
-                if t is None:
-                    return math.inf
+            # Gates that do not depend on the ticket are looked at before one
+            # is chosen: a ticket chosen while the lane cannot admit anyway
+            # would be fixed in front of more urgent requests that arrive
+            # meanwhile.  Only pacing by the ticket's own size keeps it chosen.
             if cfg.admission and self.limiter.borrowed_tokens >= self.limiter.total_tokens:
                 return math.inf
             if cfg.breaker:
@@ -297,6 +299,19 @@ class Lane:
                     return math.inf  # a half-open probe is out; its outcome kicks
                 if nxt > now:
                     return nxt
+            t = self._next
+            if t is None or t.done:
+                self._next = None
+                if not self.queue:
+                    return math.inf
+                if cfg.ratelimit:
+                    # A pause, the rpm window, the requests bucket: the same for any ticket.
+                    wait = self.tracker.wait_time(now, 0)
+                    if wait > 0:
+                        return now + wait
+                t = self._next = self._pop(now)
+                if t is None:
+                    return math.inf
             if cfg.ratelimit:
                 wait = self.tracker.reserve(now, t.tokens)
                 if wait > 0:
@@ -393,8 +408,8 @@ class Lane:
             # be read last and hand back slots the others had used.
             self.tracker.observe(
                 snapshot,
-                unseen_requests=self.admitted - 1 - t.mark_requests if t.granted else 0,
-                unseen_tokens=self.admitted_tokens - t.charged - t.mark_tokens if t.granted else 0,
+                unseen_requests=self.admitted - 1 - t.mark_requests,
+                unseen_tokens=self.admitted_tokens - t.charged - t.mark_tokens,
             )
             if status == 429:
                 if snapshot.retry_after is None:
