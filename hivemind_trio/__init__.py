@@ -1,7 +1,9 @@
 """hivemind_trio: a transparent scheduling proxy for fleets of LLM agents.
 
 Run it as ``hypercorn -k trio hivemind_trio:app`` or ``hivemind-trio serve``;
-embed it with ``async with hivemind_trio.open_proxy(config) as proxy:``.
+embed it with ``async with hivemind_trio.open_proxy(config) as proxy:``, or
+schedule an httpx client in-process with ``SchedulingTransport`` (the official
+SDKs, built on httpx2, take ``SchedulingTransport2``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from .config import Config, ConfigError, Route, ServerConfig, load_config
 from .core.identity import Priority
 from .runtime.app import ProxyApp, default_app
 from .runtime.serve import Proxy, open_proxy
+from .runtime.transport import SchedulingTransport, SchedulingTransport2
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,8 @@ __all__ = [
     "Proxy",
     "ProxyApp",
     "Route",
+    "SchedulingTransport",
+    "SchedulingTransport2",
     "ServerConfig",
     "app",
     "create_app",
