@@ -260,6 +260,8 @@ class ServerConfig:
     profiles_dir: str = ""
     log_level: str = attrs.field(default="info", validator=_one_of(*LOG_LEVELS))
     log_json: bool = False
+    # Distinct agent names in /hivemind/metrics labels; later agents count as "other".
+    metrics_max_agents: int = attrs.field(default=100, validator=_at_least(1))
 
 
 @attrs.frozen

@@ -25,6 +25,7 @@ import attrs
 import httpx
 import trio
 
+from ..admin.metrics import Metrics
 from ..config import Config, load_config
 from ..core import errors
 from ..core.budget import Refusal, Reservation
@@ -93,6 +94,7 @@ class Runtime:
         self.scheduler = Scheduler(config)
         # Called with every RequestRecord (metrics register here).
         self.sinks: list[Callable[[RequestRecord], None]] = []
+        self.metrics = Metrics(self)
         # Salt for credential fingerprints: per process, never persisted, so a
         # fingerprint cannot be turned back into a key from logs.
         self.salt = secrets.token_bytes(32)
