@@ -1,13 +1,14 @@
-"""``hivemind-trio`` command line: serve, mock."""
+"""``hivemind-trio`` command line: serve, status, mock."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from functools import partial
 
 from .config import ConfigError, load_config
+from .logs import configure_logging
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -32,10 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"hivemind-trio: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.server.log_level, json_lines=config.server.log_json)
     mock_port = args.mock_port if args.mock else None
     try:
         trio.run(partial(serve, config, mock_port=mock_port))
@@ -45,6 +43,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"hivemind-trio: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .admin.status_cli import run_status
+
+    if args.watch is not None and not args.watch > 0:
+        print("hivemind-trio status: --watch needs a positive number of seconds", file=sys.stderr)
+        return 2
+    return run_status(args.url, token=args.token or None, watch=args.watch, events=args.events, as_json=args.json)
 
 
 def _mock(args: argparse.Namespace) -> int:
@@ -73,6 +80,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mock-port", type=int, default=8766, metavar="P", help="port of the --mock provider (default 8766)")
     p.set_defaults(func=_serve)
+
+    st = sub.add_parser("status", help="print the live status of a running proxy (lanes, agents, events)")
+    st.add_argument(
+        "--url",
+        default=os.environ.get("HIVEMIND_URL", "http://127.0.0.1:8765"),
+        help="the proxy's base URL (default: $HIVEMIND_URL or http://127.0.0.1:8765)",
+    )
+    st.add_argument(
+        "--token",
+        default=os.environ.get("HIVEMIND_ADMIN_TOKEN"),
+        help="admin token, sent as Authorization: Bearer (default: $HIVEMIND_ADMIN_TOKEN)",
+    )
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 2) until Ctrl-C",
+    )
+    st.add_argument("--events", type=int, default=10, metavar="N", help="recent scheduler events to show (default 10)")
+    st.add_argument("--json", action="store_true", help="print the raw status JSON instead of tables")
+    st.set_defaults(func=_status)
 
     from .sim.mock import add_mock_arguments
 

@@ -32,6 +32,7 @@ from ..core.budget import Refusal, Reservation
 from ..core.identity import Identity, Priority, identify
 from ..core.retry import Action, Outcome, OutcomeKind, parse_retry_count
 from ..core.usage import Usage, UsageMeter
+from ..logs import adopt_server_logging, log_request
 from ..profiles import load_profiles
 from . import headers as h
 from .forward import Forwarder, Router, Target
@@ -92,8 +93,9 @@ class Runtime:
         self.forwarder = Forwarder(config, transport)
         self.counters = Counters()
         self.scheduler = Scheduler(config)
-        # Called with every RequestRecord (metrics register here).
-        self.sinks: list[Callable[[RequestRecord], None]] = []
+        # Called with every RequestRecord: the per-request log line first
+        # (hivemind_trio.logs), then metrics, which register themselves.
+        self.sinks: list[Callable[[RequestRecord], None]] = [log_request]
         self.metrics = Metrics(self)
         # Salt for credential fingerprints: per process, never persisted, so a
         # fingerprint cannot be turned back into a key from logs.
@@ -191,6 +193,9 @@ class ProxyApp:
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
         else:
+            # A bare ASGI server (`hypercorn -k trio hivemind_trio:app`): log
+            # per server.log_level / log_json unless logging is set up already.
+            adopt_server_logging(rt.config)
             await self._lifespan_with_dispatchers(rt, receive, send)
         await rt.aclose()
         await send({"type": "lifespan.shutdown.complete"})
@@ -415,23 +420,7 @@ class ProxyApp:
                 estimated=bool(usage is not None and usage.estimated),
                 bytes_sent=result.bytes_sent,
                 client_gone=not (started or status),
-            ))
-            log.info(
-                "%s %s -> %s agent=%s lane=%s priority=%s queue_ms=%.1f attempts=%d status=%s tokens=%s bytes=%d ms=%.1f%s",
-                request.method,
-                target.url.path,
-                target.url.host,
-                identity.agent,
-                lane.key,
-                info_priority_name(info.priority),
-                queued * 1000,
-                attempts,
-                status or "-",
-                "-" if usage is None else f"{usage.all_input_tokens}/{usage.output_tokens}{'~' if usage.estimated else ''}",
-                result.bytes_sent,
-                (trio.current_time() - t0) * 1000,
-                "" if started or status else " (client gone)",
-            )
+            ))  # logged by the first sink (hivemind_trio.logs.log_request)
 
     # -- admin ----------------------------------------------------------------
 
