@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
+import httpx
 import pytest
 import trio
 
@@ -181,8 +182,128 @@ async def test_claude_code_print_mode_through_proxy(stack: Stack, tmp_path: Path
         assert a.agent == "control-7", f"x-hivemind-agent was forwarded upstream (mock saw {a.agent!r})\n{context}"
     assert any(a.stream for a in messages), context
     assert stack.counters.requests >= len(messages)
-    proxied = [r.getMessage() for r in caplog.records if r.name == "hivemind_trio" and "/v1/messages" in r.getMessage()]
+    proxied = [r.getMessage() for r in caplog.records if r.name == "hivemind_trio.requests" and "/v1/messages" in r.getMessage()]
     assert proxied and all("agent=reviewer-3" in line for line in proxied), proxied
+
+
+class HeaderLog(httpx.AsyncBaseTransport):
+    """The proxy's upstream transport, recording the headers of every request
+    it sends to the mock (exactly what goes on the wire)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport(retries=0)
+        self.sent: list[tuple[str, str, list[tuple[bytes, bytes]]]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append((request.method, request.url.path, list(request.headers.raw)))
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.fixture
+async def recorded_stack(nursery: trio.Nursery) -> AsyncIterator[tuple[Stack, HeaderLog]]:
+    """Like ``stack``, with the proxy's upstream requests recorded."""
+    reply = "HIVEMIND-E2E-" + secrets.token_hex(4).upper()
+    provider = MockProvider(MockConfig(latency=0.0, jitter=0.0, stream_delay=0.001, seed=11,
+                                       reply_text=reply, pad_text=False))
+    port = await nursery.start(serve_mock, provider)
+    log = HeaderLog()
+    try:
+        async with open_proxy(Config(upstream=f"http://127.0.0.1:{port}"), transport=log) as proxy:
+            yield Stack(provider, proxy, reply), log
+    finally:
+        await log.aclose()
+
+
+def claude_env(home: Path, proxy_url: str) -> dict[str, str]:
+    return base_env(home) | {
+        "CLAUDE_CONFIG_DIR": str(home / ".claude"),
+        "ANTHROPIC_BASE_URL": proxy_url,
+        "ANTHROPIC_API_KEY": "sk-ant-api03-fake-e2e-key",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "DISABLE_BUG_COMMAND": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "CLAUDE_CODE_MAX_RETRIES": "0",
+    }
+
+
+async def proxy_status(proxy: Proxy) -> dict:
+    """GET /hivemind/status, as an operator would."""
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        r = await client.get("/hivemind/status")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_claude_code_custom_headers_set_agent_and_priority(recorded_stack: tuple[Stack, HeaderLog], tmp_path: Path) -> None:
+    """docs/agents.md, Claude Code: ANTHROPIC_CUSTOM_HEADERS names the agent and
+    its priority; the proxy attributes the requests to it and strips both
+    headers (the mock never sees an x-hivemind-* header)."""
+    stack, upstream = recorded_stack
+    claude = find_cli("claude")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = claude_env(tmp_path / "home", stack.proxy.url) | {
+        "ANTHROPIC_CUSTOM_HEADERS": "x-hivemind-agent: reviewer-3\nx-hivemind-priority: high\nx-agent-id: control-7",
+    }
+    run = await run_cli([claude, "-p", "Reply with a short greeting."], env=env, cwd=work, logs=tmp_path / "claude")
+
+    status = await proxy_status(stack.proxy)
+    context = f"{run.describe()}\nmock attempts:\n{stack.log()}\nstatus agents: {status['agents']}"
+    assert run.returncode == 0, context
+    assert stack.reply in run.stdout, context
+    messages = stack.generations(wire.ANTHROPIC)
+    assert messages and all(a.status == 200 for a in messages), context
+    # The custom headers did reach the mock (the control one)...
+    assert all(a.agent == "control-7" for a in messages), context
+    # ...but none of the proxy's own.
+    assert upstream.sent, context
+    for method, path, headers in upstream.sent:
+        own = [(k, v) for k, v in headers if k.lower().startswith(b"x-hivemind-")]
+        assert own == [], f"{method} {path} went upstream with {own}\n{context}"
+    # Every request was attributed to reviewer-3, at high priority.
+    agent = status["agents"].get("reviewer-3")
+    assert agent is not None, context
+    assert agent["priority"] == "high", context
+    assert agent["requests"] >= len(messages), context
+    assert agent["by_status"].get("200", 0) >= len(messages), context
+    # Claude Code also sends a connectivity check, `HEAD /` (User-Agent Bun/...),
+    # without the key or the custom headers: the proxy can only name it by the
+    # client address.  Nothing else goes unattributed.
+    others = {name: a for name, a in status["agents"].items() if name != "reviewer-3"}
+    assert all(name.startswith("addr-") for name in others), context
+    heads = [path for method, path, _ in upstream.sent if method == "HEAD"]
+    assert sum(a["requests"] for a in others.values()) == len(heads), context
+
+
+async def test_many_claude_script_runs_three_named_sessions(stack: Stack, tmp_path: Path) -> None:
+    """scripts/many_claude.sh -n 3: three Claude Code sessions at once, three agents in the status."""
+    claude = find_cli("claude")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    env = claude_env(tmp_path / "home", stack.proxy.url) | {"CLAUDE": claude}
+    argv = ["bash", str(REPO_ROOT / "scripts" / "many_claude.sh"), "-n", "3", "-u", stack.proxy.url,
+            "-a", "swarm", "-p", "low", "-o", str(out), "Reply with a short greeting, agent {i}."]
+    run = await run_cli(argv, env=env, cwd=work, logs=tmp_path / "many")
+
+    status = await proxy_status(stack.proxy)
+    outputs = {p.name: p.read_text(errors="replace") for p in sorted(out.glob("*.out"))} if out.exists() else {}
+    context = f"{run.describe()}\noutputs: {outputs}\nmock attempts:\n{stack.log()}\nstatus agents: {status['agents']}"
+    assert run.returncode == 0, context
+    assert sorted(outputs) == ["swarm-1.out", "swarm-2.out", "swarm-3.out"], context
+    assert all(stack.reply in text for text in outputs.values()), context
+    # Besides each session's `HEAD /` connectivity check (no key, no custom
+    # headers: named by the client address, see the test above).
+    named = {name: a for name, a in status["agents"].items() if not name.startswith("addr-")}
+    assert sorted(named) == ["swarm-1", "swarm-2", "swarm-3"], context
+    for name, agent in named.items():
+        assert agent["priority"] == "low" and agent["requests"] >= 1 and agent["failures"] == 0, (name, context)
+    assert all(a.status == 200 for a in stack.generations(wire.ANTHROPIC)), context
 
 
 # ---------------------------------------------------------------------- Codex
