@@ -42,7 +42,21 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # the port is taken, the address cannot be bound
         print(f"hivemind-trio: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # Raised inside the server's nursery, a bind failure comes wrapped.
+        bind, rest = group.split(OSError)
+        if bind is None or rest is not None:
+            raise
+        print(f"hivemind-trio: {_leaves(bind)[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 def _status(args: argparse.Namespace) -> int:

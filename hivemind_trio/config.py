@@ -77,6 +77,7 @@ from cattrs.errors import (
 
 __all__ = [
     "AgentRule",
+    "PriceConfig",
     "BudgetConfig",
     "Config",
     "ConfigError",
@@ -276,7 +277,7 @@ class SchedulerConfig:
     # 503/529; the client's own deadline (x-stainless-timeout) can shorten it.
     queue_timeout: float = attrs.field(default=600.0, validator=_at_least(0))
     # Upstream attempts per request, the first included.
-    max_attempts: int = attrs.field(default=4, validator=_at_least(1))
+    max_attempts: int = attrs.field(default=8, validator=_at_least(1))
     # Retries are at most this fraction of a lane's recent requests.
     retry_budget: float = attrs.field(default=0.5, validator=_between(0, 1))
     # Seconds of waiting that promote a queued request by one priority class
@@ -292,11 +293,26 @@ class SchedulerConfig:
 
 
 @attrs.frozen
+class PriceConfig:
+    """USD per million tokens of one model (for USD budgets)."""
+
+    input_per_mtok: float = attrs.field(validator=_at_least(0))
+    output_per_mtok: float = attrs.field(validator=_at_least(0))
+
+
+@attrs.frozen
 class BudgetConfig:
-    """Token budgets (SPEC §5.5); 0 means unlimited."""
+    """Token (and optionally USD) budgets (SPEC §5.5); 0 means unlimited."""
 
     agent_tokens: int = attrs.field(default=0, validator=_at_least(0))
     global_tokens: int = attrs.field(default=0, validator=_at_least(0))
+    # USD budgets need a price for the models used ([budget.prices."model"]);
+    # a model without a price is invisible to them (token budgets still apply).
+    agent_usd: float = attrs.field(default=0.0, validator=_at_least(0))
+    global_usd: float = attrs.field(default=0.0, validator=_at_least(0))
+    # Model name -> price; a key also prices every model whose name starts with
+    # it ("claude-sonnet-4-5" prices "claude-sonnet-4-5-20250929").
+    prices: dict[str, PriceConfig] = attrs.field(factory=dict)
     period: str = attrs.field(default="day", validator=_one_of(*BUDGET_PERIODS))
     # SQLite ledger that keeps day/hour counters across restarts (used when a
     # budget is set): a path, "" for $XDG_STATE_HOME/hivemind-trio/budget.sqlite3,

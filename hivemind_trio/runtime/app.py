@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import math
 import secrets
 import signal
 from collections import Counter
@@ -30,14 +29,26 @@ from ..config import Config, load_config
 from ..core import errors
 from ..core.budget import Refusal, Reservation
 from ..core.identity import Identity, Priority, identify
-from ..core.retry import Action, Outcome, OutcomeKind, parse_retry_count
+from ..core.retry import Outcome, OutcomeKind
 from ..core.usage import Usage, UsageMeter
 from ..logs import adopt_server_logging, log_request
 from ..profiles import load_profiles
 from . import headers as h
 from .forward import Forwarder, Router, Target
 from .relay import END_BODY, ClientAbort, RelayResult, StreamKind, pump, write
-from .scheduler import BreakerCancelled, Lane, QueueTimeout, RequestInfo, Scheduler, Ticket, peek_request
+from .scheduler import (
+    BreakerCancelled,
+    Lane,
+    QueueTimeout,
+    RequestInfo,
+    Scheduler,
+    Ticket,
+    info_headers,
+    no_retry,
+    priority_of,
+    request_info,
+    should_retry,
+)
 
 log = logging.getLogger("hivemind_trio")
 
@@ -111,15 +122,7 @@ class Runtime:
             sink(rec)
 
     def priority_of(self, identity: Identity, own: dict[bytes, bytes], headers: list[tuple[bytes, bytes]]) -> Priority:
-        """x-hivemind-priority, else the first matching agent rule, else normal (SPEC §4.3)."""
-        explicit = Priority.parse(own.get(b"x-hivemind-priority"))
-        if explicit is not None:
-            return explicit
-        ua = (h.get(headers, b"user-agent") or b"").decode("latin-1")
-        for rule in self.config.agents:
-            if rule.matches(identity.agent, ua):
-                return Priority.parse(rule.priority) or Priority.NORMAL
-        return Priority.NORMAL
+        return priority_of(self.config.agents, identity, own, headers)
 
     def status(self) -> dict[str, Any]:
         c = self.counters
@@ -260,7 +263,7 @@ class ProxyApp:
         identity = identify(client_headers, own, scope.get("client"), rt.salt)
         priority = rt.priority_of(identity, own, client_headers)
         request = rt.forwarder.build_request(method, target, client_headers, body, had_length=had_length)
-        info = _request_info(rt, identity, priority, body, client_headers)
+        info = request_info(rt.config.scheduler, identity, priority, body, client_headers)
         await self._exchange(rt, request, target, identity, info, receive, send)
 
     async def _exchange(self, rt: Runtime, request, target: Target, identity: Identity, info: RequestInfo, receive, send) -> None:
@@ -282,6 +285,7 @@ class ProxyApp:
         queued = 0.0
         result = RelayResult()
         started = False
+        declared: int | None = None  # the relayed response's Content-Length
         box = _UsageBox()
         reservation = None
         # What to send once the disconnect watcher is gone (see relay.write).
@@ -294,7 +298,7 @@ class ProxyApp:
                 sched.emit("budget_refused", agent=identity.agent, lane=lane.key, period=reservation.period)
                 err = errors.BudgetExhausted(reservation.message, headers=(("x-should-retry", "false"),))
                 status, hdrs, body = err.render(fmt)
-                final = (status, hdrs + _info(rt, identity, 0.0, 0), body)
+                final = (status, hdrs + info_headers(rt.config.server.info_headers, identity.agent, 0.0, 0), body)
                 reservation = None
                 return
             warn = bool(reservation is not None and reservation.warning)
@@ -304,6 +308,7 @@ class ProxyApp:
                 nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, result)
                 retry = False
                 limited = 0  # attempts that ended in a 429
+                last_failure: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
                 while True:
                     ticket = sched.new_ticket(info, lane, retry=retry)
                     tq = trio.current_time()
@@ -314,6 +319,14 @@ class ProxyApp:
                         agent.queue_timeouts += 1
                         if not exc.shutting_down:
                             sched.emit("queue_timeout", agent=identity.agent, lane=lane.key, waited=round(exc.waited, 3))
+                        if last_failure is not None and not exc.shutting_down:
+                            # A retry that ran out of time in the queue: the
+                            # client gets the upstream's own last answer (or
+                            # the proxy's error naming the upstream), not a
+                            # vaguer "overloaded".
+                            status, hdrs, body = last_failure
+                            final = (status, no_retry(hdrs, attempts) + info_headers(rt.config.server.info_headers, identity.agent, queued, attempts), body)
+                            break
                         cls = errors.Overloaded if fmt == errors.ANTHROPIC else errors.Unavailable
                         why = (
                             "the proxy is shutting down"
@@ -325,7 +338,7 @@ class ProxyApp:
                             headers=(("retry-after", str(int(exc.retry_after))),),
                         )
                         status, hdrs, body = err.render(fmt)
-                        final = (status, hdrs + _info(rt, identity, queued, attempts), body)
+                        final = (status, hdrs + info_headers(rt.config.server.info_headers, identity.agent, queued, attempts), body)
                         break
                     queued += trio.current_time() - tq
                     attempts += 1
@@ -338,32 +351,37 @@ class ProxyApp:
                         continue
                     except errors.ProxyError as exc:
                         outcome = Outcome.transport(OutcomeKind(getattr(exc, "transport_kind", "connect_error")))
-                        if await _should_retry(rt, lane, info, outcome, attempts - limited, agent):
+                        last_failure = exc.render(fmt)
+                        if await should_retry(rt.scheduler, lane, info, outcome, attempts - limited, agent):
                             retry = True
                             continue
                         c.upstream_errors += 1
                         status, hdrs, body = exc.render(fmt)
-                        final = (status, _no_retry(hdrs, attempts) + _info(rt, identity, queued, attempts), body)
+                        final = (status, no_retry(hdrs, attempts) + info_headers(rt.config.server.info_headers, identity.agent, queued, attempts), body)
                         break
                     if head.body is not None:
                         # An error answer, read whole: retry it or pass it on untouched.
-                        if await _should_retry(rt, lane, info, head.outcome, attempts - limited, agent):
+                        last_failure = (head.status, h.end_to_end(head.headers), head.body)
+                        if await should_retry(rt.scheduler, lane, info, head.outcome, attempts - limited, agent):
                             retry = True
                             if head.status == 429:
                                 limited += 1
                             continue
                         status = head.status
-                        out = _no_retry(h.end_to_end(head.headers), attempts)
-                        final = (status, out + _info(rt, identity, queued, attempts, warn), head.body)
+                        out = no_retry(h.end_to_end(head.headers), attempts)
+                        final = (status, out + info_headers(rt.config.server.info_headers, identity.agent, queued, attempts, warn), head.body)
                         break
                     status = head.status
                     out = h.end_to_end(head.headers)
                     if head.kind.sse:
                         _setdefault(out, b"cache-control", b"no-cache")
                         _setdefault(out, b"x-accel-buffering", b"no")
-                    out += _info(rt, identity, queued, attempts, warn)
+                    out += info_headers(rt.config.server.info_headers, identity.agent, queued, attempts, warn)
                     await send({"type": "http.response.start", "status": status, "headers": out})
                     started = True
+                    length = h.get(head.headers, b"content-length")
+                    if length is not None and length.strip().isdigit():
+                        declared = int(length)
                     try:
                         await write(send, head.items, head.kind, fmt, target.url.path, result)
                     except ClientAbort as exc:
@@ -378,9 +396,11 @@ class ProxyApp:
             agent.failures += 1
             raise group.exceptions[0] from None
         finally:
-            if result.client_gone and final is None:
-                # The watcher cancelled the exchange: the client left mid-way
-                # (a disconnect seen after the last byte went out is no loss).
+            if result.client_gone and final is None and not (declared is not None and result.bytes_sent >= declared):
+                # The watcher cancelled the exchange: the client left mid-way.
+                # A client that closes as soon as it has the whole declared
+                # body (curl does) can be seen leaving before the last empty
+                # body message goes out: that is no loss.
                 c.disconnects += 1
             usage = box.usage
             if isinstance(reservation, Reservation):
@@ -542,64 +562,6 @@ async def _read_all(chunks) -> bytes:
     return b"".join(parts)
 
 
-async def _should_retry(rt: Runtime, lane: Lane, info: RequestInfo, outcome: Outcome, attempts: int, agent) -> bool:
-    # ``attempts`` counts the failures that use up a request's allowance: a
-    # 429 does not, since the lane itself already waits out its retry-after
-    # (the deadline and the lane's retry budget still bound those retries).
-    """Decide on a failed attempt; sleeps the back-off when the answer is yes."""
-    cfg = rt.config.scheduler
-    if not cfg.retry:
-        return False
-    now = trio.current_time()
-    deadline = info.deadline if info.client_deadline is None else min(info.deadline, info.client_deadline)
-    decision = lane.policy.decide(
-        outcome, attempts, now, lane.rng,
-        deadline=deadline, client_retry_count=info.client_retry_count, budget=lane.retry_budget,
-    )
-    if decision.action is not Action.RETRY:
-        if decision.action is Action.GIVE_UP:
-            log.warning("not retrying on lane %s: %s (%s)", lane.key, decision.reason, outcome.status or outcome.kind.value)
-        return False
-    lane.retries += 1
-    agent.retries += 1
-    await rt.scheduler.pause(decision.delay)
-    return True
-
-
-def _no_retry(headers: list[tuple[bytes, bytes]], attempts: int) -> list[tuple[bytes, bytes]]:
-    """The proxy already retried: tell the SDK not to multiply attempts."""
-    if attempts <= 1:
-        return headers
-    return [(k, v) for k, v in headers if k.lower() != b"x-should-retry"] + [(b"x-should-retry", b"false")]
-
-
-def _request_info(rt: Runtime, identity: Identity, priority: Priority, body: bytes, headers: list[tuple[bytes, bytes]]) -> RequestInfo:
-    now = trio.current_time()
-    max_tokens, model = peek_request(body)
-    client_deadline = None
-    for name in (b"x-stainless-timeout", b"x-stainless-read-timeout"):
-        raw = h.get(headers, name)
-        if raw is None:
-            continue
-        try:
-            secs = float(raw.decode("latin-1").strip())
-        except ValueError:
-            continue
-        if math.isfinite(secs) and secs > 0:
-            client_deadline = now + secs
-            break
-    return RequestInfo(
-        agent=identity.agent,
-        priority=int(priority),
-        input_estimate=max(1, len(body) // 4),
-        max_tokens=max_tokens,
-        model=model,
-        deadline=now + rt.config.scheduler.queue_timeout if client_deadline is None else min(now + rt.config.scheduler.queue_timeout, client_deadline),
-        client_deadline=client_deadline,
-        client_retry_count=parse_retry_count(h.get(headers, b"x-stainless-retry-count")),
-    )
-
-
 def info_priority_name(priority: int) -> str:
     return Priority(priority).name.lower()
 
@@ -637,19 +599,6 @@ async def _read_body(scope: Scope, receive, limit: int) -> tuple[bytes, bool]:
         if not message.get("more_body", False):
             break
     return b"".join(parts), declared is not None
-
-
-def _info(rt: Runtime, identity: Identity, queued: float, attempts: int, warn: bool = False) -> list[tuple[bytes, bytes]]:
-    out = []
-    if rt.config.server.info_headers:
-        out += [
-            (b"x-hivemind-agent", identity.agent.encode("utf-8", "replace")),
-            (b"x-hivemind-queue-ms", str(round(queued * 1000)).encode()),
-            (b"x-hivemind-attempts", str(attempts).encode()),
-        ]
-    if warn:
-        out.append((b"x-hivemind-budget-warning", b"over 85% of a token budget is used"))
-    return out
 
 
 def _closing(rendered: tuple[int, list[tuple[bytes, bytes]], bytes]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -61,7 +61,7 @@ from ..config import AgentRule, Config, SchedulerConfig
 from ..core import ratelimit as rl
 from ..core.aimd import AimdWindow
 from ..core.breaker import BreakerState, CircuitBreaker
-from ..core.budget import Budget, BudgetLimit, Refusal, Reservation
+from ..core.budget import Budget, BudgetLimit, Price, Refusal, Reservation
 from ..core.identity import Identity, Priority
 from ..core.queue import FairQueue
 from ..core.retry import (
@@ -577,7 +577,11 @@ class Scheduler:
         self.rng = random.Random(seed)
         self.lanes: dict[str, Lane] = {}
         self.agents: dict[str, AgentStats] = {}
-        self.budget = Budget(limits=_budget_limits(config), warn_ratio=0.85)
+        self.budget = Budget(
+            limits=_budget_limits(config),
+            prices={m: Price(p.input_per_mtok, p.output_per_mtok) for m, p in config.budget.prices.items()},
+            warn_ratio=0.85,
+        )
         self.ledger: Ledger | None = None
         if self.sched.budgets and self.budget.limits and config.budget.ledger != "off":
             self.ledger = Ledger(config.budget.ledger or default_ledger_path())
@@ -844,6 +848,10 @@ def _budget_limits(config: Config) -> tuple[BudgetLimit, ...]:
         out.append(BudgetLimit(period=b.period, tokens=b.agent_tokens, scope="agent"))
     if b.global_tokens:
         out.append(BudgetLimit(period=b.period, tokens=b.global_tokens, scope="global"))
+    if b.agent_usd:
+        out.append(BudgetLimit(period=b.period, usd=b.agent_usd, scope="agent"))
+    if b.global_usd:
+        out.append(BudgetLimit(period=b.period, usd=b.global_usd, scope="global"))
     return tuple(out)
 
 

@@ -23,7 +23,7 @@ import trio_websocket
 from ..core import errors
 from ..core.identity import identify
 from . import headers as h
-from .scheduler import QueueTimeout, Ticket
+from .scheduler import QueueTimeout, Ticket, request_info
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -126,8 +126,6 @@ class _Turns:
     _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 
     def __init__(self, rt: Runtime, target, identity, client_headers, own) -> None:
-        from .app import _request_info  # the same request model as HTTP
-
         self.rt = rt
         self.sched = rt.scheduler
         self.identity = identity
@@ -135,7 +133,6 @@ class _Turns:
         self.priority = rt.priority_of(identity, own, client_headers)
         self.lane = self.sched.lane_for(target.route, target.profile, identity.credential, rpm=target.rpm, tpm=target.tpm)
         self.agent = self.sched.agent(identity.agent)
-        self._info = _request_info
         self.pending: collections.deque[Ticket] = collections.deque()
 
     async def admit(self, frame: str) -> str | None:
@@ -149,7 +146,7 @@ class _Turns:
             return None
         if not isinstance(doc, dict) or doc.get("type") != "response.create":
             return None
-        info = self._info(self.rt, self.identity, self.priority, frame.encode(), self.client_headers)
+        info = request_info(self.rt.config.scheduler, self.identity, self.priority, frame.encode(), self.client_headers)
         ticket = self.sched.new_ticket(info, self.lane)
         self.agent.requests += 1
         try:

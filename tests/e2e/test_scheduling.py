@@ -336,8 +336,10 @@ async def test_final_failure_after_retries_is_the_upstreams_own_answer() -> None
                        "request_id": "req_scripted_503"}).encode()
     up = Scripted(503, [(b"content-type", b"application/json"), (b"request-id", b"req_scripted_503"),
                         (b"x-should-retry", b"true"), (b"x-scripted", b"503")], body)
-    max_attempts = SchedulerConfig().max_attempts
-    async with scripted_behind_proxy(up) as proxy:
+    # Four attempts keep the test short: with the default allowance the
+    # breaker opens after five failures and its cool-downs stretch the run.
+    max_attempts = 4
+    async with scripted_behind_proxy(up, Config(scheduler=SchedulerConfig(max_attempts=max_attempts))) as proxy:
         async with httpx.AsyncClient(base_url=proxy.url, timeout=GUARD) as client:
             with trio.fail_after(GUARD):
                 r = await client.post("/v1/messages", json=_msg(), headers=ANTHROPIC_HEADERS)

@@ -436,9 +436,13 @@ async def test_unreachable_upstream_gives_provider_502_naming_it():
     sock.close()
     cfg = Config(upstream=f"http://127.0.0.1:{port}")
     async with open_proxy(cfg) as proxy:
-        async with httpx.AsyncClient(base_url=proxy.url) as client:
-            r = await client.post("/v1/messages", content=b"{}", headers={"anthropic-version": "2023-06-01"})
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=20) as client:
+            # The proxy retries a connect error for as long as the client's own
+            # deadline (as the SDKs send it) allows, then answers.
+            r = await client.post("/v1/messages", content=b"{}",
+                                  headers={"anthropic-version": "2023-06-01", "x-stainless-timeout": "3"})
     assert r.status_code == 502
+    assert r.headers["x-should-retry"] == "false"
     body = r.json()
     # The generic profile answers in a plain error format; the message names the upstream.
     text = json.dumps(body)
