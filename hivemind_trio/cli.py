@@ -68,6 +68,12 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.url, token=args.token or None, watch=args.watch, events=args.events, as_json=args.json)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .sim.bench import run_bench_from_args
+
+    return run_bench_from_args(args)
+
+
 def _mock(args: argparse.Namespace) -> int:
     from .sim.mock import run_mock_from_args
 
@@ -118,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--events", type=int, default=10, metavar="N", help="recent scheduler events to show (default 10)")
     st.add_argument("--json", action="store_true", help="print the raw status JSON instead of tables")
     st.set_defaults(func=_status)
+
+    from .sim.bench import add_bench_arguments
+
+    b = sub.add_parser("bench", help="reproduce the paper's evaluation: scenarios direct vs through the proxy, against the mock")
+    add_bench_arguments(b)
+    b.set_defaults(func=_bench)
 
     from .sim.mock import add_mock_arguments
 
