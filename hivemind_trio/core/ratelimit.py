@@ -45,6 +45,7 @@ shared backend can store it; all decisions are methods over that state.
 
 from __future__ import annotations
 
+import bisect
 import email.utils
 import math
 import re
@@ -404,6 +405,13 @@ class RateLimitState:
     last_snapshot_at: float = -math.inf
     admitted: int = 0
     delayed: int = 0
+    # Learned from the headers (see RateLimitTracker.observe): the provider's
+    # request limit and the length of the window it counts them over.
+    learned_rpm: int | None = None
+    learned_window: float = 0.0
+    # Set once a 429 came although the request limit was known: the provider
+    # counts a sliding window, not the refilling bucket assumed until then.
+    sliding: bool = False
 
 
 @attrs.frozen
@@ -450,7 +458,14 @@ class RateLimitTracker:
 
     # -- knowledge ---------------------------------------------------------
 
-    def observe(self, snapshot: RateLimitSnapshot, *, unseen_requests: int = 0, unseen_tokens: int = 0) -> None:
+    def observe(
+        self,
+        snapshot: RateLimitSnapshot,
+        *,
+        unseen_requests: int = 0,
+        unseen_tokens: int = 0,
+        sent_at: float | None = None,
+    ) -> None:
         """Take in what a response said.  Older snapshots than the last one are ignored.
 
         ``unseen_requests`` / ``unseen_tokens``: what this lane admitted after
@@ -469,6 +484,25 @@ class RateLimitTracker:
             return
         st.last_snapshot_at = snapshot.at
         now = snapshot.at
+        req = snapshot.resources.get("requests")
+        if req is not None and req.limit is not None and req.reset_at is not None and sent_at is not None:
+            # The request that carried this snapshot used a slot at about
+            # ``sent_at``, and the bucket is full again by ``reset_at``: no
+            # provider counts a request for longer than that.  The longest
+            # such span seen (capped at a minute) is the window length.
+            span = min(WINDOW, req.reset_at - sent_at)
+            if span > st.learned_window:
+                st.learned_window = span
+            st.learned_rpm = req.limit
+            # A per-minute bucket (what Anthropic and OpenAI document) is full
+            # again ``deficit / limit`` of a minute after use.  A reset much
+            # further away than that, with a small deficit, is a provider
+            # that keeps each request on its books for a whole window.
+            if req.remaining is not None and req.limit > 0:
+                deficit = req.limit - req.remaining
+                bucket_reset = deficit * WINDOW / req.limit
+                if 0 < deficit <= max(1, req.limit // 3) and req.reset_at - now > 2 * bucket_reset + 1.0:
+                    st.sliding = True
         for name, info in snapshot.resources.items():
             prev = st.resources.get(name)
             limit = info.limit if info.limit is not None else (prev.limit if prev else None)
@@ -582,9 +616,12 @@ class RateLimitTracker:
         if cut:
             del log[:cut]
 
-    def _window_wait(self, now: float, limit: float, cost: float, tokens: bool) -> float:
-        """Delay after which the sliding window has room for ``cost`` more."""
+    def _window_wait(self, now: float, limit: float, cost: float, tokens: bool, window: float = WINDOW) -> float:
+        """Delay after which the sliding ``window`` has room for ``cost`` more."""
         log = self.state.log
+        if window < WINDOW:
+            edge = now - window
+            log = [e for e in log if e[0] > edge]
         # A request larger than the whole window is admitted into an empty one.
         cost = min(cost, limit)
         used = sum(e[1] for e in log) if tokens else len(log)
@@ -595,7 +632,7 @@ class RateLimitTracker:
         for t, n in log:
             excess -= n if tokens else 1
             if excess <= 0:
-                return _wait_until(now, t + WINDOW)
+                return _wait_until(now, t + window)
         return 0.0  # pragma: no cover - cost <= limit makes this unreachable
 
     def wait_time(
@@ -612,6 +649,14 @@ class RateLimitTracker:
         wait = max(0.0, st.paused_until - now)
         if self.rpm is not None:
             wait = max(wait, self._window_wait(now, self.rpm, 1, tokens=False))
+        elif st.sliding and st.learned_rpm is not None and st.learned_window > 0:
+            # The learned request limit as a sliding window of the learned
+            # length: after a burst, a bucket's "remaining" trickles back
+            # sooner than a sliding-window provider frees any slot.  Only
+            # once the provider has shown it counts that way (a 429 the
+            # bucket model did not expect): for a true bucket the log would
+            # give up the bucket's burst allowance, up to a window per burst.
+            wait = max(wait, self._window_wait(now, st.learned_rpm, 1, tokens=False, window=st.learned_window))
         if self.tpm is not None:
             wait = max(wait, self._window_wait(now, self.tpm, max(0, tokens), tokens=True))
         for name, res in st.resources.items():
@@ -642,10 +687,42 @@ class RateLimitTracker:
         for name, res in st.resources.items():
             if res.level is not None:
                 res.level = max(0.0, res.level - _cost_for(name, tokens, input_tokens, output_tokens))
-        if self.rpm is not None or self.tpm is not None:
-            st.log.append((now, tokens))
+        st.log.append((now, tokens))
         st.admitted += 1
         return 0.0
+
+    def limit_hit(self) -> None:
+        """A 429 came back.  If the request limit was already known, the
+        provider does not refill the way the bucket model assumed: from now
+        on the lane also keeps the learned limit as a sliding window."""
+        if self.state.learned_rpm is not None and self.state.learned_window > 0:
+            self.state.sliding = True
+
+    def uncount(self, at: float, tokens: int = 0) -> bool:
+        """Drop the window-log entry of an admission made at ``at`` that the
+        provider refused without counting it (a 429 or 529).  False if none."""
+        log = self.state.log
+        tokens = max(0, tokens)
+        for i in range(len(log) - 1, -1, -1):
+            if log[i][0] == at and log[i][1] == tokens:
+                del log[i]
+                return True
+        return False
+
+    def recount(self, at: float, counted_by: float, tokens: int = 0) -> bool:
+        """Move the log entry of an admission made at ``at`` to ``counted_by``:
+        the provider counted the request somewhere between the two (on
+        arrival), so its slot frees no earlier than ``counted_by`` + window.
+        Keeping the admission time instead frees it a network delay too soon,
+        and a lane that paces to the edge of the window meets 429s there."""
+        log = self.state.log
+        tokens = max(0, tokens)
+        for i in range(len(log) - 1, -1, -1):
+            if log[i][0] == at and log[i][1] == tokens:
+                del log[i]
+                bisect.insort(log, (max(at, counted_by), tokens))
+                return True
+        return False
 
     def refund(self, now: float, tokens: int = 0) -> None:
         """Give back a request's charge when it never reached the provider."""

@@ -84,6 +84,9 @@ log = logging.getLogger("hivemind_trio.scheduler")
 
 # Output tokens assumed for pacing before a lane has seen any real usage.
 _DEFAULT_OUTPUT_GUESS = 256
+# Seconds after its admission by which a request has surely reached the
+# provider (which counts it against its window from then on).
+_ARRIVAL_BOUND = 0.5
 # A request body larger than this is not parsed for max_tokens / model.
 _PEEK_LIMIT = 4 * 1024 * 1024
 
@@ -406,11 +409,24 @@ class Lane:
             # requests in admission order; a burst admitted together races,
             # and the first to arrive upstream (the highest remaining) could
             # be read last and hand back slots the others had used.
+            if status == 429:
+                self.tracker.limit_hit()
             self.tracker.observe(
                 snapshot,
                 unseen_requests=self.admitted - 1 - t.mark_requests,
                 unseen_tokens=self.admitted_tokens - t.charged - t.mark_tokens,
+                sent_at=t.granted_at,
             )
+            if t.granted_at is not None:
+                if status in (429, 529):
+                    # Refused, not served: providers do not count it against
+                    # the window, so neither does the lane's own log.
+                    self.tracker.uncount(t.granted_at, t.charged)
+                else:
+                    # Counted on arrival: by the time the headers came back,
+                    # and within a network delay of the admission (a long
+                    # time to first byte is generation, not transit).
+                    self.tracker.recount(t.granted_at, min(now, t.granted_at + _ARRIVAL_BOUND), t.charged)
             if status == 429:
                 if snapshot.retry_after is None:
                     delay = self.tracker.backoff_429(now, self.rng)

@@ -453,3 +453,53 @@ def test_rfc3339_variants() -> None:
     for text in (stamp.isoformat(), "2024-01-01T00:00:09.25Z", "2024-01-01T00:00:09.250000000Z"[:26] + "Z"):
         snap = parse_headers(ANTHROPIC_SPEC, {"anthropic-ratelimit-requests-reset": text}, 0.0, WALL)
         assert snap.get("requests").reset_at == pytest.approx(9.25)
+
+
+# -- which refill the provider follows ------------------------------------------
+
+
+def test_a_per_minute_bucket_is_trusted_to_refill() -> None:
+    tr = RateLimitTracker()
+    # 5 of 50 used: a per-minute bucket is full again 6 s later.
+    tr.observe(_snap(0.1, requests=ResourceLimit(50, 45, 0.1 + 6.0)), sent_at=0.0)
+    assert not tr.state.sliding
+    assert tr.state.learned_rpm == 50
+
+
+def test_a_whole_window_reset_after_a_small_deficit_means_a_sliding_window() -> None:
+    tr = RateLimitTracker()
+    tr.state.log.append((0.0, 0))  # the admission that carried the snapshot
+    # 1 of 30 used, and its slot frees only 10 s later: a per-minute bucket
+    # would be full again in 2 s.  The provider keeps requests for a window.
+    tr.observe(_snap(0.1, requests=ResourceLimit(30, 29, 10.0)), sent_at=0.0)
+    assert tr.state.sliding
+    assert tr.state.learned_window == pytest.approx(10.0)
+    # The learned limit holds as a sliding window of the learned length: 29
+    # more fit now, the next waits for the first admission to leave it.
+    assert all(tr.reserve(0.2 + i / 100) == 0 for i in range(29))
+    assert tr.wait_time(0.6) == pytest.approx(10.0 - 0.6)
+
+
+def test_an_unexpected_429_switches_to_the_sliding_window() -> None:
+    tr = RateLimitTracker()
+    tr.limit_hit()  # nothing known yet: no conclusion
+    assert not tr.state.sliding
+    tr.observe(_snap(1.0, requests=ResourceLimit(50, 20, 1.0 + 36.0)), sent_at=0.5)
+    assert not tr.state.sliding  # 30 used, full in 36 s: a bucket's answer
+    tr.limit_hit()
+    assert tr.state.sliding
+
+
+def test_refused_admissions_leave_the_log_and_counted_ones_move_to_arrival() -> None:
+    tr = RateLimitTracker(rpm=2)
+    assert tr.reserve(0.0, 5) == 0 and tr.reserve(1.0, 7) == 0
+    assert tr.wait_time(2.0) == pytest.approx(58.0)
+    # The first was refused upstream (429): its slot is free again.
+    assert tr.uncount(0.0, 5)
+    assert not tr.uncount(0.0, 5)
+    assert tr.wait_time(2.0) == 0
+    # The second reached the provider a little later than admitted: its slot
+    # frees a window after that, not after the admission.
+    assert tr.reserve(2.0, 1) == 0
+    assert tr.recount(1.0, 1.4, 7)
+    assert tr.wait_time(3.0) == pytest.approx(61.4 - 3.0)
