@@ -17,14 +17,12 @@ import json
 import os
 import random
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
 import anthropic
 import httpx
-import hypercorn.config
-import hypercorn.trio
 import ollama
 import openai
 import pytest
@@ -34,6 +32,7 @@ import trio.testing
 from hivemind_trio import Config, ServerConfig, open_proxy
 from hivemind_trio.runtime.serve import Proxy
 from hivemind_trio.sim.mock import MockConfig, MockProvider, serve_mock
+from tests.helpers import serve_asgi
 
 REPLY = "SDK-E2E-REPLY-5c1d"
 MSG = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hello there"}]}
@@ -71,21 +70,8 @@ async def mock_behind_proxy(**overrides: object) -> AsyncIterator[tuple[MockProv
         nursery.cancel_scope.cancel()
 
 
-@asynccontextmanager
-async def serve_upstream(app) -> AsyncIterator[str]:
-    """Serve an ASGI app with Hypercorn (trio worker) on 127.0.0.1:0; yields its URL."""
-    hc = hypercorn.config.Config()
-    hc.bind = ["127.0.0.1:0"]
-    hc.accesslog = None
-    hc.graceful_timeout = 0.5
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=shutdown.wait))
-        try:
-            yield binds[0]
-        finally:
-            shutdown.set()
-            nursery.cancel_scope.deadline = trio.current_time() + 2
+# Upstreams are served like any ASGI app in the tests.
+serve_upstream = serve_asgi
 
 
 async def _read_body(receive) -> bytes | None:
