@@ -36,3 +36,14 @@ async def read_http_response(stream: trio.SocketStream, limit: int = 1 << 20) ->
             break
         data += chunk
     return data
+
+
+async def answer_lifespan(receive, send) -> None:
+    """The lifespan half of a test upstream: start up, then shut down when told."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        else:
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -20,7 +20,7 @@ from hivemind_trio import Config, ServerConfig, open_proxy
 from hivemind_trio.config import BudgetConfig, SchedulerConfig
 from hivemind_trio.runtime.serve import Proxy
 from hivemind_trio.sim.mock import MockConfig, MockProvider, serve_mock
-from tests.helpers import serve_asgi
+from tests.helpers import answer_lifespan, serve_asgi
 
 SECRET = "sk-ant-api03-METRICS-SECRET-7f3a9c"
 MSG = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hello there"}]}
@@ -55,13 +55,8 @@ def _scripted(statuses: list[int]):
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         while (await receive()).get("more_body"):
             pass
         status = statuses[len(calls)] if len(calls) < len(statuses) else 200

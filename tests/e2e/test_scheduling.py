@@ -32,7 +32,7 @@ from hivemind_trio import Config, ServerConfig, open_proxy
 from hivemind_trio.config import BudgetConfig, SchedulerConfig
 from hivemind_trio.runtime.serve import Proxy
 from hivemind_trio.sim.mock import MockConfig, MockProvider, serve_mock
-from tests.helpers import serve_asgi
+from tests.helpers import answer_lifespan, serve_asgi
 
 REPLY = "SCHED-E2E-REPLY-9e2b"
 PROMPT = ("Summarise the state of the build and list the next three steps. " * 4)[:200]  # 200 characters
@@ -78,13 +78,8 @@ class Scripted:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = b""

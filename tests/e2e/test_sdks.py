@@ -32,7 +32,7 @@ import trio.testing
 from hivemind_trio import Config, ServerConfig, open_proxy
 from hivemind_trio.runtime.serve import Proxy
 from hivemind_trio.sim.mock import MockConfig, MockProvider, serve_mock
-from tests.helpers import serve_asgi
+from tests.helpers import answer_lifespan, serve_asgi
 
 REPLY = "SDK-E2E-REPLY-5c1d"
 MSG = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hello there"}]}
@@ -92,13 +92,8 @@ def _lifespan_or_http(handler):
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = await _read_body(receive)

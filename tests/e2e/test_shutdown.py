@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from hivemind_trio import Config, ServerConfig, open_proxy
-from tests.helpers import serve_asgi
+from tests.helpers import answer_lifespan, serve_asgi
 
 GUARD = 20.0
 
@@ -18,9 +18,7 @@ async def test_queued_and_backing_off_requests_get_529_with_retry_after_on_shutd
     async def limited(scope, receive, send):
         nonlocal calls
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         calls += 1
         await send({"type": "http.response.start", "status": 429, "headers": [

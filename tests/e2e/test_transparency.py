@@ -14,7 +14,7 @@ import trio_websocket
 import zstandard
 
 from hivemind_trio import Config, ServerConfig, open_proxy
-from tests.helpers import read_http_response, serve_asgi
+from tests.helpers import answer_lifespan, read_http_response, serve_asgi
 
 
 class Recorder:
@@ -26,13 +26,8 @@ class Recorder:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = b""
