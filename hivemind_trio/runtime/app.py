@@ -27,7 +27,7 @@ import trio
 from ..admin.metrics import Metrics
 from ..config import Config, load_config
 from ..core import errors
-from ..core.budget import Refusal, Reservation
+from ..core.budget import Reservation
 from ..core.identity import Identity, Priority, identify
 from ..core.retry import Outcome, OutcomeKind
 from ..core.usage import Usage, UsageMeter
@@ -291,15 +291,11 @@ class ProxyApp:
         # What to send once the disconnect watcher is gone (see relay.write).
         final: tuple[int, list[tuple[bytes, bytes]], bytes] | dict | None = None
         try:
-            reservation = sched.reserve(info)
-            if isinstance(reservation, Refusal):
-                agent.budget_refusals += 1
-                log.warning("budget refused agent=%s: %s", identity.agent, reservation.message)
-                sched.emit("budget_refused", agent=identity.agent, lane=lane.key, period=reservation.period)
-                err = errors.BudgetExhausted(reservation.message, headers=(("x-should-retry", "false"),))
+            try:
+                reservation = sched.reserve_or_refuse(info, agent, lane)
+            except errors.BudgetExhausted as err:
                 status, hdrs, body = err.render(fmt)
                 final = (status, hdrs + info_headers(rt.config.server.info_headers, identity.agent, 0.0, 0), body)
-                reservation = None
                 return
             warn = bool(reservation is not None and reservation.warning)
             if cfg.retry:

@@ -58,6 +58,7 @@ import attrs
 import trio
 
 from ..config import AgentRule, Config, SchedulerConfig
+from ..core import errors
 from ..core import ratelimit as rl
 from ..core.aimd import AimdWindow
 from ..core.breaker import BreakerState, CircuitBreaker
@@ -699,6 +700,17 @@ class Scheduler:
         return stats
 
     # -- budgets ----------------------------------------------------------------
+
+    def reserve_or_refuse(self, info: RequestInfo, agent: AgentStats, lane: Lane) -> Reservation | None:
+        """The budget step of every edge: a reservation (None: budgets are off),
+        or :class:`errors.BudgetExhausted` (a 429 the client must not retry)."""
+        res = self.reserve(info)
+        if isinstance(res, Refusal):
+            agent.budget_refusals += 1
+            log.warning("budget refused agent=%s: %s", info.agent, res.message)
+            self.emit("budget_refused", agent=info.agent, lane=lane.key, period=res.period)
+            raise errors.BudgetExhausted(res.message, headers=(("x-should-retry", "false"),))
+        return res
 
     def reserve(self, info: RequestInfo) -> Reservation | Refusal | None:
         """Take the budget reservation for a request (None: budgets are off)."""

@@ -70,7 +70,7 @@ import trio
 
 from ..config import Config, ConfigError
 from ..core import errors
-from ..core.budget import Refusal, Reservation
+from ..core.budget import Reservation
 from ..core.identity import Identity, Priority, identify
 from ..core.retry import Outcome, OutcomeKind
 from ..core.usage import Usage, UsageMeter
@@ -574,12 +574,9 @@ class _Core:
         agent.priority = Priority(info.priority).name.lower()
         ex = _Exchange(self, request.method, f"{request.url.scheme}://{route}{request.url.path}", lane, identity.agent, agent, info, trio.current_time())
         try:
-            reservation = sched.reserve(info)
-            if isinstance(reservation, Refusal):
-                agent.budget_refusals += 1
-                log.warning("budget refused agent=%s: %s", identity.agent, reservation.message)
-                sched.emit("budget_refused", agent=identity.agent, lane=lane.key, period=reservation.period)
-                err = errors.BudgetExhausted(reservation.message, headers=(("x-should-retry", "false"),))
+            try:
+                reservation = sched.reserve_or_refuse(info, agent, lane)
+            except errors.BudgetExhausted as err:
                 return ex.answer(*err.render(fmt))
             ex.reservation = reservation
             ex.warn = bool(reservation is not None and reservation.warning)
