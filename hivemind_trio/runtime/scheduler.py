@@ -134,6 +134,9 @@ class Ticket:
     mark_requests: int = 0
     mark_tokens: int = 0
     settled: bool = False
+    # AIMD had no room left to shrink the window when this attempt went out
+    # (or AIMD is off): an overload answer to it is then the breaker's business.
+    at_floor: bool = True
 
 
 @attrs.frozen
@@ -331,6 +334,7 @@ class Lane:
             self._next = None
             t.granted = True
             t.granted_at = now
+            t.at_floor = not cfg.aimd or self.window.limit <= self.window.min
             self.in_flight += 1
             self.admitted += 1
             self.admitted_tokens += t.charged
@@ -451,9 +455,17 @@ class Lane:
         if kind in (OutcomeKind.RESET, OutcomeKind.PROTOCOL_ERROR, OutcomeKind.STREAM_BROKEN_AFTER_BYTES):
             self.resets += 1
         outcome = Outcome.transport(kind)
+        self._recount(t, now)
         self._settle(t)
         self._account(t, outcome, now)
         return outcome
+
+    def _recount(self, t: Ticket, now: float) -> None:
+        # An attempt that got no status (reset, cancelled) may still have been
+        # counted upstream on arrival, which is later than its admission:
+        # keep its slot on the books until then, never shorter.
+        if self.config.ratelimit and t.granted_at is not None and not t.settled:
+            self.tracker.recount(t.granted_at, min(now, t.granted_at + _ARRIVAL_BOUND), t.charged)
 
     def _settle(self, t: Ticket) -> None:
         if t.granted and not t.settled:
@@ -472,7 +484,14 @@ class Lane:
                     self._resize()
         if cfg.breaker:
             before = self.breaker.state
-            if is_breaker_failure(outcome):
+            if (outcome.status == 529 and not t.at_floor and before is BreakerState.CLOSED):
+                # Overloaded while AIMD can still shrink the window: the
+                # window's signal, not an outage.  A burst sent before the
+                # capacity was known (the first moments of a lane) would
+                # otherwise trip the breaker and stall every agent for its
+                # cool-down.  Once the window is at its floor, 529s count.
+                pass
+            elif is_breaker_failure(outcome):
                 self.breaker.record_failure(now, outcome.retry_after)
             elif outcome.kind is OutcomeKind.OK:
                 self.breaker.record_success(now)
@@ -494,6 +513,7 @@ class Lane:
 
     def on_cancelled(self, t: Ticket) -> None:
         """The attempt ended with no verdict (client gone, breaker cancel)."""
+        self._recount(t, trio.current_time())
         if self.config.breaker:
             self.breaker.record_cancelled(trio.current_time())
             self.kick()

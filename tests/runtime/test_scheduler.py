@@ -528,6 +528,74 @@ async def test_transport_failures_trip_the_breaker_too(autojump_clock):
         assert lane.breaker.state is BreakerState.CLOSED
 
 
+OVERLOADED = b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
+
+
+async def test_overload_burst_shrinks_the_window_without_tripping_the_breaker(autojump_clock):
+    """529s are AIMD's signal while the window can still shrink; once it is at
+    its floor and the upstream still says overloaded, they trip the breaker."""
+    profile = with_window(ANTHROPIC, 1, 8, 16)
+    async with running() as sched:
+        lane = sched.lane_for(ROUTE, profile, "key-1")
+        # A first burst larger than the upstream's capacity: every answer a 529.
+        burst = [await admit(sched, lane, agent=f"b-{i}") for i in range(8)]
+        for t in burst:
+            lane.on_response(t, 529, [], OVERLOADED)
+            lane.release(t, ok=False)
+        assert lane.breaker.state is BreakerState.CLOSED
+        assert lane.window.limit < 8
+        # Still overloaded, one round trip after another: the window halves
+        # down to its floor, and 529s sent from there count as failures.
+        trips_at = None
+        for _ in range(20):
+            await trio.sleep(1)
+            at_floor = lane.window.limit == 1
+            t = await admit(sched, lane)
+            lane.on_response(t, 529, [], OVERLOADED)
+            lane.release(t, ok=False)
+            if lane.breaker.state is BreakerState.OPEN:
+                assert at_floor
+                trips_at = trio.current_time()
+                break
+        assert trips_at is not None, "a floor-level 529 storm must open the breaker"
+
+
+async def test_overload_counts_for_the_breaker_when_aimd_is_off(autojump_clock):
+    async with running(aimd=False) as sched:
+        lane = sched.lane_for(ROUTE, ANTHROPIC, "key-1")
+        for _ in range(5):
+            assert lane.breaker.state is BreakerState.CLOSED
+            t = await admit(sched, lane)
+            lane.on_response(t, 529, [], OVERLOADED)
+            lane.release(t, ok=False)
+        assert lane.breaker.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize("ending", ["reset", "cancelled"])
+async def test_attempt_without_status_keeps_its_slot_until_it_arrived(autojump_clock, ending):
+    """A reset (or cancelled) attempt was counted upstream on arrival, after its
+    admission: the lane's window log keeps it until then, so pacing at the
+    window's edge does not free its slot early (the 429s at 60 s in replay-11)."""
+    async with running() as sched:
+        lane = sched.lane_for(ROUTE, ANTHROPIC, "key-1")
+        t = await admit(sched, lane)
+        granted = t.granted_at
+        assert [e[0] for e in lane.tracker.state.log] == [granted]
+        await trio.sleep(0.2)
+        if ending == "reset":
+            lane.on_failure(t, OutcomeKind.RESET)
+        else:
+            lane.on_cancelled(t)
+        lane.release(t, ok=None if ending == "cancelled" else False)
+        assert [e[0] for e in lane.tracker.state.log] == [pytest.approx(granted + 0.2)]
+        # Capped by the arrival bound: a slow failure is not kept longer than that.
+        t = await admit(sched, lane)
+        await trio.sleep(30)
+        lane.on_failure(t, OutcomeKind.TIMEOUT_BEFORE_HEADERS)
+        lane.release(t, ok=False)
+        assert lane.tracker.state.log[-1][0] == pytest.approx(t.granted_at + 0.5)
+
+
 # ---------------------------------------------------------------- 9. AIMD
 
 
