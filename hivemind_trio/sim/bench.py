@@ -140,11 +140,11 @@ class Scenario:
     def requests(self) -> int:
         return self.agents * self.turns
 
-    def mock_config(self, seed: int) -> MockConfig:
+    def mock_config(self, seed: int, *, charge_faults: bool = True) -> MockConfig:
         return MockConfig(
             rpm=self.rpm, tpm=self.tpm, cap=self.cap, error_rate=self.error_rate, reset_rate=self.reset_rate,
             latency=self.latency, jitter=self.jitter, spike_rate=self.spike_rate, spike_factor=self.spike_factor,
-            window=WINDOW, seed=seed,
+            window=WINDOW, seed=seed, charge_faults=charge_faults,
         )
 
 
@@ -184,6 +184,7 @@ class Case:
     kind: str
     seed: int
     repeat: int = 0
+    charge_faults: bool = True  # see MockConfig.charge_faults
 
 
 # --------------------------------------------------------------------- running
@@ -269,7 +270,7 @@ async def _run_case_async(case: Case, *, virtual: bool, base_config: Any, stream
                           on_turns: Callable[[int], None]) -> dict[str, Any]:
     s = case.scenario
     provider_cls = _VirtualWallMock if virtual else MockProvider
-    provider = provider_cls(s.mock_config(case.seed))
+    provider = provider_cls(s.mock_config(case.seed, charge_faults=case.charge_faults))
     results: list[AgentResult] = []
     proxy_status: dict[str, Any] | None = None
     timed_out = False
@@ -411,7 +412,10 @@ def summarize(s: Scenario, agents: list[AgentResult], provider: MockProvider, *,
     path = max((v + (s.turns - 1) * THINK for k, v in service.items() if k not in dead), default=0.0)
     lb = max(lb, path)
     makespan = max(0.0, t_end - t0)
-    admitted = sum(1 for a in log if a.outcome not in _REJECTED)
+    # Attempts the mock's window counted (faulted ones too unless the mock
+    # was told not to charge them).
+    charged = provider.config.charge_faults
+    admitted = sum(1 for a in log if a.outcome not in _REJECTED and (charged or a.outcome not in ("502", "reset")))
     admitted_bound = max(lb, math.floor((admitted - 1) / s.rpm) * WINDOW) if s.rpm and admitted else lb
     latencies = [x for r in agents for x in r.latencies]
     requests_sent = sum(r.requests_sent for r in agents)
@@ -652,7 +656,7 @@ class _Progress:
 
 
 def plan(scenarios: Iterable[str], targets: Iterable[str], kinds: Iterable[str], *, ablation: bool,
-         repeat: int, seed: int) -> list[Case]:
+         repeat: int, seed: int, charge_faults: bool = True) -> list[Case]:
     """Every case to run, in order: scenario, target, kind, repeat."""
     cases = []
     targets = list(targets)
@@ -664,7 +668,7 @@ def plan(scenarios: Iterable[str], targets: Iterable[str], kinds: Iterable[str],
         for target in ts:
             for kind in kinds:
                 for r in range(repeat):
-                    cases.append(Case(sc, target, kind, seed + r, r))
+                    cases.append(Case(sc, target, kind, seed + r, r, charge_faults))
     return cases
 
 
@@ -811,6 +815,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"a quick subset: {', '.join(QUICK_SCENARIOS)}, no ablation")
     a("--stream", action="store_true", help="agents stream their replies (default: non-streaming)")
     a("--max-tokens", type=int, default=1024, help="max_tokens of every request (default 1024)")
+    a("--uncharged-faults", action="store_true",
+      help="the mock's injected 502s and resets do not count against its rate window "
+           "(default: they do, so faults cost window slots and raise the makespan)")
     a("--proxy-config", metavar="FILE", help="TOML config for the proxy (upstream and routes are replaced)")
     a("--out", default="bench-out", metavar="DIR", help="where bench.json and bench.png go (default bench-out/)")
     a("--no-chart", action="store_true", help="do not write the PNG chart")
@@ -838,17 +845,20 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
             print(f"hivemind-trio bench: invalid proxy configuration: {exc}", file=sys.stderr)
             return 2
     cases = plan(scenarios, args.targets, args.agents, ablation=not (args.no_ablation or args.quick),
-                 repeat=args.repeat, seed=args.seed)
+                 repeat=args.repeat, seed=args.seed, charge_faults=not args.uncharged_faults)
     report = run_bench(cases, time_scale=scale, base_config=base_config, stream=args.stream,
                        max_tokens=args.max_tokens, progress=not args.no_progress)
     report["argv"] = sys.argv[1:]
+    report["faults_charged"] = not args.uncharged_faults
     report["bar_misses"] = bar_check(report["groups"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     clock = report["clock"]
     print(f"hivemind-trio bench: clock {clock}, seeds {args.seed}..{args.seed + args.repeat - 1}, "
-          f"{'streaming' if args.stream else 'non-streaming'}, times in simulated seconds\n")
+          f"{'streaming' if args.stream else 'non-streaming'}, "
+          f"faulted attempts {'count' if not args.uncharged_faults else 'do not count'} against the mock's window, "
+          f"times in simulated seconds\n")
     print(markdown_table(report["groups"], repeat=args.repeat))
     print()
     if report["bar_misses"]:

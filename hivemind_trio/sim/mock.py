@@ -110,6 +110,11 @@ class MockConfig:
     stall_seconds: float = attrs.field(default=3600.0, validator=_non_negative)
     midstream_error_rate: float = attrs.field(default=0.0, validator=_fraction)  # error event mid-stream
     quota: bool = False  # every generation is refused: OpenAI 429 insufficient_quota etc.
+    # Does an attempt answered by an injected 502 or reset still count
+    # against the RPM/TPM window?  Yes by default (it was admitted, like a
+    # provider that counts on arrival); False models a provider whose
+    # failures happen in front of its rate limiter.
+    charge_faults: bool = True
     compress: str = attrs.field(default="", validator=_compress_choice)  # '', 'auto' or an encoding
     model: str = "mock-model"  # when the request names none
 
@@ -282,6 +287,9 @@ class MockProvider:
         if cfg.spike_rate and self.rng.random() < cfg.spike_rate:
             latency *= cfg.spike_factor
         fault = forced if forced in ("502", "reset", "drop", "stall", "error") else self._draw_fault(stream)
+        if fault in ("502", "reset") and not cfg.charge_faults:
+            self.window.discard(entry)
+            entry = None
         return Admission(
             now, OK, fault=fault, latency=latency, output_tokens=output_tokens,
             entry=entry, released=False, request_id=rid,
@@ -420,6 +428,8 @@ def add_mock_arguments(parser: argparse.ArgumentParser) -> None:
     a("--reply-text", default=d.reply_text, help="text every reply contains")
     a("--no-pad", action="store_true", help="reply with exactly the reply text (no filler words)")
     a("--quota", action="store_true", help="refuse every generation as out of quota")
+    a("--uncharged-faults", action="store_true",
+      help="injected 502s and resets do not count against the rate window (default: they do)")
     a("--compress", default=d.compress, choices=["", "auto", *_ENCODINGS],
       help="compress responses the client accepts ('auto' = best accepted)")
     a("-v", "--verbose", action="store_true", help="print every request (method, path, headers) to stderr")
@@ -434,6 +444,7 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         output_mean=args.output_mean, output_sd=args.output_sd, window=args.window,
         stream_delay=args.stream_delay, seed=args.seed, reply_text=args.reply_text,
         pad_text=not args.no_pad, quota=args.quota, compress=args.compress,
+        charge_faults=not args.uncharged_faults,
     )
 
 

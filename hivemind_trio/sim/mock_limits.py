@@ -98,6 +98,13 @@ class SlidingWindow:
         self._log.append(entry)
         return entry
 
+    def discard(self, entry: WindowEntry) -> None:
+        """Take an attempt out of the window altogether (it was never counted)."""
+        try:
+            self._log.remove(entry)
+        except ValueError:
+            pass  # already expired
+
     @staticmethod
     def settle(entry: WindowEntry, tokens: int) -> None:
         """Correct an entry's charge once the attempt's real usage is known."""

@@ -493,11 +493,14 @@ def test_cli_arguments_build_the_config() -> None:
     add_mock_arguments(parser)
     args = parser.parse_args(["--rpm", "50", "--tpm", "100000", "--cap", "3", "--error-rate", "0.08",
                               "--reset-rate", "0.05", "--latency", "0.12", "--jitter", "0.06",
-                              "--spike-rate", "0.1", "--output-mean", "150", "--seed", "4", "--log", "x.jsonl"])
+                              "--spike-rate", "0.1", "--output-mean", "150", "--seed", "4", "--log", "x.jsonl",
+                              "--uncharged-faults"])
     cfg = config_from_args(args)
     assert (cfg.rpm, cfg.tpm, cfg.cap, cfg.error_rate, cfg.reset_rate) == (50, 100000, 3, 0.08, 0.05)
     assert (cfg.latency, cfg.jitter, cfg.spike_rate, cfg.seed) == (0.12, 0.06, 0.1, 4)
     assert args.port == 8766 and args.log == "x.jsonl"
+    assert cfg.charge_faults is False
+    assert config_from_args(parser.parse_args([])).charge_faults is True
 
 
 async def test_cli_runs_the_server(tmp_path: pytest.TempPathFactory) -> None:

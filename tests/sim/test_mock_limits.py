@@ -113,6 +113,21 @@ async def test_provider_tpm_and_cap(autojump_clock: trio.testing.MockClock) -> N
     assert p.statistics().peak_in_flight == 2
 
 
+@pytest.mark.parametrize("charge_faults", [True, False])
+async def test_faulted_attempts_count_against_the_window_unless_told_not_to(
+    autojump_clock: trio.testing.MockClock, charge_faults: bool
+) -> None:
+    p = MockProvider(MockConfig(rpm=2, seed=1, charge_faults=charge_faults))
+    faulted = [p.admit(input_tokens=10, stream=False, forced=f) for f in ("502", "reset")]
+    assert [a.verdict for a in faulted] == [OK, OK]
+    for a in faulted:
+        p.release(a)
+    # Two faulted attempts used up rpm=2, or nothing at all.
+    second = p.admit(input_tokens=10, stream=False)
+    assert second.verdict == (RATE_LIMITED if charge_faults else OK)
+    assert p.window.usage(trio.current_time())[0] == (2 if charge_faults else 1)
+
+
 def test_fault_draws_follow_the_seed() -> None:
     cfg = MockConfig(error_rate=0.3, reset_rate=0.2, drop_rate=0.1, seed=42)
 
