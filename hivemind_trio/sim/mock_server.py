@@ -632,11 +632,15 @@ async def _generate(
             await sink.reject(502, headers, wire.error_body(fmt, 502, msg, request_id=adm.request_id))
             return
         msg_id, item_id = _ids(api)
-        text = provider.reply_text(adm.output_tokens)
+        # A reply stops at the request's own output cap, as a model does.
+        cap = wire.output_cap(api, body)
+        output_tokens = adm.output_tokens if cap is None else min(adm.output_tokens, cap)
+        text = provider.reply_text(output_tokens)
         generate = body.get("generate") is not False
         plan = wire.ReplyPlan(
             api=api, model=model, text=text if generate else "", deltas=provider.split_deltas(text),
-            input_tokens=input_tokens, output_tokens=adm.output_tokens if generate else 0,
+            input_tokens=input_tokens, output_tokens=output_tokens if generate else 0,
+            truncated=generate and cap is not None and adm.output_tokens > cap,
             msg_id=msg_id, item_id=item_id, created=int(provider.wall(provider.now())),
             include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
             generate=generate, request=body,

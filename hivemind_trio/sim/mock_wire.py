@@ -49,6 +49,31 @@ class ReplyPlan:
     include_usage: bool = False  # chat: stream_options.include_usage
     generate: bool = True  # responses: False is Codex's warm-up (no output)
     request: Any = None  # the parsed request body (echoed where the real API echoes)
+    truncated: bool = False  # stopped at the request's output cap (max_tokens & co.)
+
+
+def output_cap(api: str, body: Any) -> int | None:
+    """The request's own limit on output tokens, in the field its API names it.
+
+    Anthropic ``max_tokens``; chat ``max_completion_tokens`` (or the older
+    ``max_tokens``); Responses ``max_output_tokens``; Ollama
+    ``options.num_predict`` (negative = no limit).  Garbage is ignored: the
+    mock is not the place that validates these.
+    """
+    if not isinstance(body, dict):
+        return None
+    if api == ANTHROPIC:
+        value = body.get("max_tokens")
+    elif api == OPENAI_CHAT:
+        value = body.get("max_completion_tokens", body.get("max_tokens"))
+    elif api == OPENAI_RESPONSES:
+        value = body.get("max_output_tokens")
+    else:
+        options = body.get("options")
+        value = options.get("num_predict") if isinstance(options, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
 
 
 # --------------------------------------------------------------------- Anthropic
@@ -63,6 +88,10 @@ def _anthropic_usage(plan: ReplyPlan, output_tokens: int) -> dict[str, Any]:
     }
 
 
+def _anthropic_stop(plan: ReplyPlan) -> str:
+    return "max_tokens" if plan.truncated else "end_turn"
+
+
 def anthropic_message(plan: ReplyPlan) -> dict[str, Any]:
     return {
         "id": plan.msg_id,
@@ -70,7 +99,7 @@ def anthropic_message(plan: ReplyPlan) -> dict[str, Any]:
         "role": "assistant",
         "model": plan.model,
         "content": [{"type": "text", "text": plan.text}],
-        "stop_reason": "end_turn",
+        "stop_reason": _anthropic_stop(plan),
         "stop_sequence": None,
         "usage": _anthropic_usage(plan, plan.output_tokens),
     }
@@ -103,7 +132,7 @@ def anthropic_frames(plan: ReplyPlan) -> list[Frame]:
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": _anthropic_stop(plan), "stop_sequence": None},
                 "usage": _anthropic_usage(plan, plan.output_tokens),
             },
         ),
@@ -141,7 +170,7 @@ def chat_completion(plan: ReplyPlan) -> dict[str, Any]:
                 "index": 0,
                 "message": {"role": "assistant", "content": plan.text, "refusal": None, "annotations": []},
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": "length" if plan.truncated else "stop",
             }
         ],
         "usage": _chat_usage(plan),
@@ -167,7 +196,7 @@ def chat_frames(plan: ReplyPlan) -> list[Frame]:
 
     frames = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
     frames += [chunk({"content": d}, None) for d in plan.deltas]
-    frames.append(chunk({}, "stop"))
+    frames.append(chunk({}, "length" if plan.truncated else "stop"))
     if plan.include_usage:
         last = dict(frames[0][1], choices=[], usage=_chat_usage(plan))
         frames.append((None, last))
@@ -195,10 +224,10 @@ def _message_item(plan: ReplyPlan, status: str, text: str | None) -> dict[str, A
 
 def responses_object(plan: ReplyPlan, status: str) -> dict[str, Any]:
     req = plan.request if isinstance(plan.request, dict) else {}
-    done = status == "completed"
+    done = status in ("completed", "incomplete")
     output: list[Any] = []
     if done and plan.generate:
-        output = [_message_item(plan, "completed", plan.text)]
+        output = [_message_item(plan, status, plan.text)]
     return {
         "id": plan.msg_id,
         "object": "response",
@@ -206,7 +235,7 @@ def responses_object(plan: ReplyPlan, status: str) -> dict[str, Any]:
         "status": status,
         "background": False,
         "error": None,
-        "incomplete_details": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": req.get("instructions"),
         "max_output_tokens": req.get("max_output_tokens"),
         "model": plan.model,
@@ -224,6 +253,10 @@ def responses_object(plan: ReplyPlan, status: str) -> dict[str, Any]:
         "usage": _responses_usage(plan, plan.output_tokens if plan.generate else 0) if done else None,
         "metadata": {},
     }
+
+
+def _responses_final(plan: ReplyPlan) -> str:
+    return "incomplete" if plan.truncated else "completed"
 
 
 def responses_frames(plan: ReplyPlan) -> list[Frame]:
@@ -246,10 +279,11 @@ def responses_frames(plan: ReplyPlan) -> list[Frame]:
             {
                 "type": "response.output_item.done",
                 "output_index": 0,
-                "item": _message_item(plan, "completed", plan.text),
+                "item": _message_item(plan, _responses_final(plan), plan.text),
             },
         ]
-    events.append({"type": "response.completed", "response": responses_object(plan, "completed")})
+    final = _responses_final(plan)
+    events.append({"type": f"response.{final}", "response": responses_object(plan, final)})
     return [(ev["type"], ev | {"sequence_number": n}) for n, ev in enumerate(events)]
 
 
@@ -263,7 +297,7 @@ def _ollama_time(created: int) -> str:
 def _ollama_final(plan: ReplyPlan, duration_ns: int) -> dict[str, Any]:
     return {
         "done": True,
-        "done_reason": "stop",
+        "done_reason": "length" if plan.truncated else "stop",
         "total_duration": duration_ns,
         "load_duration": 1_000_000,
         "prompt_eval_count": plan.input_tokens,
@@ -309,7 +343,7 @@ def reply_body(plan: ReplyPlan, duration_ns: int) -> dict[str, Any]:
     if plan.api == OPENAI_CHAT:
         return chat_completion(plan)
     if plan.api == OPENAI_RESPONSES:
-        return responses_object(plan, "completed")
+        return responses_object(plan, _responses_final(plan))
     return ollama_reply(plan, duration_ns)
 
 

@@ -35,7 +35,7 @@ from hivemind_trio.sim.mock import MockConfig, MockProvider, serve_mock
 from tests.helpers import answer_lifespan, serve_asgi
 
 REPLY = "SDK-E2E-REPLY-5c1d"
-MSG = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hello there"}]}
+MSG = {"model": "claude-test", "max_tokens": 1024, "messages": [{"role": "user", "content": "hello there"}]}
 CHAT = [{"role": "user", "content": "hi"}]
 GUARD = 10.0  # seconds: only ever reached when something is broken
 

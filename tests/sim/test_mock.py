@@ -24,7 +24,7 @@ from .conftest import StartMock
 
 REPLY = "MOCK-REPLY-7f3a"
 AV = {"anthropic-version": "2023-06-01"}
-MSG = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hello there"}]}
+MSG = {"model": "claude-test", "max_tokens": 1024, "messages": [{"role": "user", "content": "hello there"}]}
 
 
 # ------------------------------------------------------------------ Anthropic
@@ -227,6 +227,62 @@ async def test_ollama_streaming_chat_and_tags(start_mock: StartMock) -> None:
         lines = [json.loads(line) for line in r.text.splitlines()]
         assert [line["done"] for line in lines][-1] is True
         assert (await raw.get("/api/version")).json()["version"]
+
+
+async def test_replies_stop_at_the_requests_output_cap(start_mock: StartMock) -> None:
+    """Each API's own cap field ends the reply early, with that API's stop reason
+    and usage counting only what was produced (output ~ N(150, 50) otherwise)."""
+    provider, url = await start_mock(output_mean=150, output_sd=0)
+    cap = 7
+    async with anthropic.AsyncAnthropic(base_url=url, api_key="sk-test", max_retries=0) as a:
+        msg = await a.messages.create(**(MSG | {"max_tokens": cap}))
+        async with a.messages.stream(**(MSG | {"max_tokens": cap})) as stream:
+            streamed = await stream.get_final_message()
+        roomy = await a.messages.create(**(MSG | {"max_tokens": 4096}))
+    assert (msg.stop_reason, msg.usage.output_tokens) == ("max_tokens", cap)
+    assert (streamed.stop_reason, streamed.usage.output_tokens) == ("max_tokens", cap)
+    assert (roomy.stop_reason, roomy.usage.output_tokens) == ("end_turn", 150)
+    assert [a.output_tokens for a in provider.attempts] == [cap, cap, 150]
+
+
+async def test_openai_replies_stop_at_their_output_cap(start_mock: StartMock) -> None:
+    provider, url = await start_mock(output_mean=150, output_sd=0)
+    cap = 7
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0) as o:
+        chat = await o.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}],
+                                               max_completion_tokens=cap)
+        resp = await o.responses.create(model="gpt-test", input="hi", max_output_tokens=cap)
+        stream = await o.responses.create(model="gpt-test", input="hi", max_output_tokens=cap, stream=True)
+        async with stream:
+            events = [e async for e in stream]
+    assert (chat.choices[0].finish_reason, chat.usage.completion_tokens) == ("length", cap)
+    # The legacy field, streamed (raw: the SDK leaves its SSE generator
+    # unfinished after [DONE], which pytest reports as a ResourceWarning).
+    async with httpx.AsyncClient(base_url=url) as raw:
+        r = await raw.post("/v1/chat/completions", json={
+            "model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": cap,
+            "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == cap
+    assert (resp.status, resp.incomplete_details.reason, resp.usage.output_tokens) == (
+        "incomplete", "max_output_tokens", cap)
+    assert events[-1].type == "response.incomplete" and events[-1].response.usage.output_tokens == cap
+    assert [a.output_tokens for a in provider.attempts] == [cap] * 4
+
+
+async def test_ollama_replies_stop_at_num_predict(start_mock: StartMock) -> None:
+    provider, url = await start_mock(output_mean=150, output_sd=0)
+    cap = 7
+    client = ollama.AsyncClient(host=url)
+    try:
+        gen = await client.generate(model="llama3", prompt="hi", options={"num_predict": cap})
+        free = await client.generate(model="llama3", prompt="hi", options={"num_predict": -1})
+    finally:
+        await client.close()
+    assert (gen.done_reason, gen.eval_count) == ("length", cap)
+    assert (free.done_reason, free.eval_count) == ("stop", 150)
+    assert [a.output_tokens for a in provider.attempts] == [cap, 150]
 
 
 # ---------------------------------------------------------------------- faults
