@@ -58,6 +58,18 @@ def find_cli(name: str) -> str:
     pytest.skip(reason)
 
 
+# Sync fixtures, not calls inside the async tests: pytest-trio drops the
+# reason of a skip raised in an async test (python-trio/pytest-trio#151).
+@pytest.fixture
+def claude() -> str:
+    return find_cli("claude")
+
+
+@pytest.fixture
+def codex() -> str:
+    return find_cli("codex")
+
+
 def base_env(home: Path) -> dict[str, str]:
     env = {k: os.environ[k] for k in _PASS_THROUGH if k in os.environ}
     home.mkdir(parents=True, exist_ok=True)
@@ -149,8 +161,7 @@ async def stack(nursery: trio.Nursery) -> AsyncIterator[Stack]:
 # ---------------------------------------------------------------- Claude Code
 
 
-async def test_claude_code_print_mode_through_proxy(stack: Stack, tmp_path: Path, caplog) -> None:
-    claude = find_cli("claude")
+async def test_claude_code_print_mode_through_proxy(claude: str, stack: Stack, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="hivemind_trio")
     home = tmp_path / "home"
     work = tmp_path / "work"
@@ -239,12 +250,11 @@ async def proxy_status(proxy: Proxy) -> dict:
     return r.json()
 
 
-async def test_claude_code_custom_headers_set_agent_and_priority(recorded_stack: tuple[Stack, HeaderLog], tmp_path: Path) -> None:
+async def test_claude_code_custom_headers_set_agent_and_priority(claude: str, recorded_stack: tuple[Stack, HeaderLog], tmp_path: Path) -> None:
     """docs/agents.md, Claude Code: ANTHROPIC_CUSTOM_HEADERS names the agent and
     its priority; the proxy attributes the requests to it and strips both
     headers (the mock never sees an x-hivemind-* header)."""
     stack, upstream = recorded_stack
-    claude = find_cli("claude")
     work = tmp_path / "work"
     work.mkdir()
     env = claude_env(tmp_path / "home", stack.proxy.url) | {
@@ -280,9 +290,8 @@ async def test_claude_code_custom_headers_set_agent_and_priority(recorded_stack:
     assert sum(a["requests"] for a in others.values()) == len(heads), context
 
 
-async def test_many_claude_script_runs_three_named_sessions(stack: Stack, tmp_path: Path) -> None:
+async def test_many_claude_script_runs_three_named_sessions(claude: str, stack: Stack, tmp_path: Path) -> None:
     """scripts/many_claude.sh -n 3: three Claude Code sessions at once, three agents in the status."""
-    claude = find_cli("claude")
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "out"
@@ -325,9 +334,8 @@ def _codex_home(tmp_path: Path, config: str) -> Path:
     return codex_home
 
 
-async def test_codex_exec_custom_provider_http_stream(stack: Stack, tmp_path: Path) -> None:
+async def test_codex_exec_custom_provider_http_stream(codex: str, stack: Stack, tmp_path: Path) -> None:
     """A [model_providers.X] table: the Responses API over HTTP POST streaming."""
-    codex = find_cli("codex")
     work = tmp_path / "work"
     work.mkdir()
     codex_home = _codex_home(tmp_path, f"""\
@@ -357,9 +365,8 @@ http_headers = {{ "x-hivemind-agent" = "codex-batch", "x-agent-id" = "codex-cont
     assert stack.counters.websockets_total == 0
 
 
-async def test_codex_exec_builtin_provider_websocket(stack: Stack, tmp_path: Path) -> None:
+async def test_codex_exec_builtin_provider_websocket(codex: str, stack: Stack, tmp_path: Path) -> None:
     """The built-in provider via openai_base_url: the Responses API over a WebSocket."""
-    codex = find_cli("codex")
     work = tmp_path / "work"
     work.mkdir()
     codex_home = _codex_home(tmp_path, "")

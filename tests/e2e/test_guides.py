@@ -200,10 +200,11 @@ async def test_ollama_client(monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------ aider (when installed)
 
 
+@pytest.mark.skipif(shutil.which("aider") is None,
+                    reason="aider is not on PATH (not a test dependency: `pip install aider-chat` in its own venv)")
 async def test_aider(tmp_path: Path) -> None:
     aider = shutil.which("aider")
-    if aider is None:
-        pytest.skip("aider is not on PATH (not a test dependency: `pip install aider-chat` in its own venv)")
+    assert aider is not None
     work = tmp_path / "work"
     work.mkdir()
     (work / ".aider.model.settings.yml").write_text(

@@ -363,7 +363,9 @@ async def test_ollama_default_stream_gets_each_line_as_the_upstream_sends_it() -
 # ----------------------------------------------------------------------- curl
 
 
-def _curl() -> str:
+@pytest.fixture
+def curl() -> str:
+    """A sync fixture: pytest-trio loses the reason of a skip raised in an async test."""
     path = shutil.which("curl")
     if path is None:
         if os.environ.get("CI") == "true":
@@ -386,8 +388,7 @@ def _sse_events(text: str) -> list[tuple[str, dict]]:
     return out
 
 
-async def test_curl_reads_sse_through_the_proxy() -> None:
-    curl = _curl()
+async def test_curl_reads_sse_through_the_proxy(curl: str) -> None:
     async with mock_behind_proxy(stream_chunks=4) as (provider, proxy):
         with trio.fail_after(2 * GUARD):
             done = await trio.run_process(_curl_args(curl, proxy.url + "/v1/messages?beta=true", MSG | {"stream": True}),
@@ -403,8 +404,7 @@ async def test_curl_reads_sse_through_the_proxy() -> None:
     assert _oks(provider) == [(200, "ok", True)]
 
 
-async def test_curl_gets_the_first_event_before_the_upstream_sends_the_rest() -> None:
-    curl = _curl()
+async def test_curl_gets_the_first_event_before_the_upstream_sends_the_rest(curl: str) -> None:
     up = Gated(b"text/event-stream", ANTHROPIC_FIRST, ANTHROPIC_REST)
     async with serve_upstream(up.app) as url, open_proxy(Config(upstream=url, server=_server())) as proxy:
         args = _curl_args(curl, proxy.url + "/v1/messages", MSG | {"stream": True})
