@@ -556,6 +556,68 @@ def markdown_table(groups: list[dict[str, Any]], *, repeat: int) -> str:
     return "\n".join(lines)
 
 
+# The paper's agent failure rates in % (raw agents, single runs): direct ->
+# through its proxy, and its ablation on replay-11 (SCENARIOS.md).
+PAPER_FAILURES: dict[str, tuple[float, float]] = {
+    "micro-5": (0, 0), "micro-10": (100, 10), "micro-20": (100, 10), "micro-50": (100, 0),
+    "replay-11": (72.7, 18.2), "stress": (100, 10), "latency-spike": (100, 0),
+}
+PAPER_ABLATION: dict[str, float] = {"no-retry": 63.6, "admission-only": 81.8}
+
+
+def summary_table(groups: list[dict[str, Any]], *, repeat: int) -> str:
+    """One row per scenario (and ablation variant), ours next to the paper's.
+
+    Failure rates are direct -> through the proxy; ratios and 429s are the
+    proxy's, raw / sdk.  Medians over the repeats; the ratio's range is shown
+    when there is more than one.
+    """
+    by = {(g["scenario"], g["target"], g["kind"]): g["aggregate"] for g in groups}
+    spread = repeat > 1
+
+    def stat(sc: str, target: str, kind: str, key: str, fmt: str, scale: float = 1.0, show: bool = False) -> str:
+        a = by.get((sc, target, kind))
+        return "-" if a is None else _fmt(a.get(key), fmt, spread=show and spread, scale=scale)
+
+    def fails(sc: str, target: str, kind: str) -> str:
+        if (sc, target, kind) not in by:
+            return "-"
+        proxy = stat(sc, target, kind, "failure_rate", ".1f", 100)
+        if (sc, "direct", kind) not in by or target != "proxy":
+            return proxy
+        return f"{stat(sc, 'direct', kind, 'failure_rate', '.1f', 100)} -> {proxy}"
+
+    def per_kind(sc: str, target: str, key: str, fmt: str, scale: float = 1.0, show: bool = False) -> str:
+        return " / ".join(stat(sc, target, k, key, fmt, scale, show) for k in AGENT_KINDS)
+
+    def n429(sc: str, target: str) -> str:
+        return " / ".join(
+            f"{stat(sc, target, k, 'upstream_429', '.0f')} of {stat(sc, target, k, 'attempts', '.0f')}"
+            for k in AGENT_KINDS
+        )
+
+    head = ("scenario", "paper fail % (raw)", "fail % raw", "fail % sdk", "wasted % raw / sdk",
+            "÷LB raw / sdk", "÷LB adm raw / sdk", "429s raw / sdk")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = list(dict.fromkeys((g["scenario"], g["target"]) for g in groups if g["target"] != "direct"))
+    for sc, target in seen:
+        if target == "proxy":
+            name = sc
+            paper = PAPER_FAILURES.get(sc)
+            paper_text = f"{paper[0]:g} -> {paper[1]:g}" if paper else "-"
+        else:
+            name = f"{sc} {target}"
+            paper_text = f"{PAPER_ABLATION[target]:g}" if target in PAPER_ABLATION else "-"
+        lines.append("| " + " | ".join((
+            name, paper_text, fails(sc, target, "raw"), fails(sc, target, "sdk"),
+            per_kind(sc, target, "wasted_share", ".1f", 100),
+            per_kind(sc, target, "makespan_ratio", ".3f", show=True),
+            per_kind(sc, target, "makespan_ratio_admitted", ".3f"),
+            n429(sc, target),
+        )) + " |")
+    return "\n".join(lines)
+
+
 def write_chart(groups: list[dict[str, Any]], path: Path) -> str | None:
     """Failure rate and makespan per scenario, direct vs proxy; None or why not."""
     try:
@@ -860,6 +922,8 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
           f"faulted attempts {'count' if not args.uncharged_faults else 'do not count'} against the mock's window, "
           f"times in simulated seconds\n")
     print(markdown_table(report["groups"], repeat=args.repeat))
+    print("\nAgainst the paper (failure % direct -> proxy; the rest through the proxy, medians):\n")
+    print(summary_table(report["groups"], repeat=args.repeat))
     print()
     if report["bar_misses"]:
         print("Below the bar (SCENARIOS.md):")

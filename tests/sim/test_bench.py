@@ -36,6 +36,10 @@ def test_quick_bench_through_the_proxy(tmp_path, capsys):
         assert r["excess_attempts"] == 0, name
         assert r["upstream_retries"] <= r["retries_allowed"], name
     assert "| micro-10 | proxy | raw |" in table
+    # The summary next to the paper: its figures, and ours for both kinds
+    # (no direct target here, so failure rates are the proxy's alone).
+    assert "| micro-10 | 100 -> 10 | 0.0 | 0.0 | 0.0 / 0.0 |" in table
+    assert "| replay-11 | 72.7 -> 18.2 | 0.0 | 0.0 |" in table
 
 
 def test_plan_and_bounds():
