@@ -21,6 +21,8 @@ import trio
 import trio_websocket
 
 from ..core import errors
+from ..core.budget import Reservation
+from ..core.usage import Usage
 from ..core.identity import identify
 from . import headers as h
 from .scheduler import QueueTimeout, Ticket, request_info
@@ -118,10 +120,12 @@ async def relay_websocket(rt: Runtime, scope: dict[str, Any], receive, send) -> 
 
 class _Turns:
     """Each ``response.create`` frame passes the lane's scheduler like an HTTP
-    request (SPEC §3.9): it is held until admitted, and its slot is freed when
-    the upstream's terminal event for it (``response.completed`` /
-    ``.incomplete`` / ``.failed`` or ``error``) comes back.  Responses on one
-    socket are answered in order, so tickets are matched first in, first out."""
+    request (SPEC §3.9): it takes a budget reservation (or is refused with an
+    error event, never sent upstream), is held until admitted, and its slot is
+    freed when the upstream's terminal event for it (``response.completed`` /
+    ``.incomplete`` / ``.failed`` or ``error``) comes back, whose usage then
+    replaces the reservation.  Responses on one socket are answered in order,
+    so turns are matched first in, first out."""
 
     _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 
@@ -133,7 +137,7 @@ class _Turns:
         self.priority = rt.priority_of(identity, own, client_headers)
         self.lane = self.sched.lane_for(target.route, target.profile, identity.credential, rpm=target.rpm, tpm=target.tpm)
         self.agent = self.sched.agent(identity.agent)
-        self.pending: collections.deque[Ticket] = collections.deque()
+        self.pending: collections.deque[tuple[Ticket, Reservation | None]] = collections.deque()
 
     async def admit(self, frame: str) -> str | None:
         """Wait for a ``response.create`` frame's turn; None if it may go now,
@@ -147,16 +151,28 @@ class _Turns:
         if not isinstance(doc, dict) or doc.get("type") != "response.create":
             return None
         info = request_info(self.rt.config.scheduler, self.identity, self.priority, frame.encode(), self.client_headers)
-        ticket = self.sched.new_ticket(info, self.lane)
         self.agent.requests += 1
+        try:
+            reservation = self.sched.reserve_or_refuse(info, self.agent, self.lane)
+        except errors.BudgetExhausted as err:
+            # What the Responses API sends when it will not answer for
+            # billing reasons: an error event with a quota code, which Codex
+            # does not retry.
+            return json.dumps({"type": "error", "status": 429, "error": {
+                "type": "insufficient_quota", "code": "hivemind_budget_exhausted", "message": err.message}})
+        ticket = self.sched.new_ticket(info, self.lane)
         try:
             await self.lane.wait_turn(ticket)
         except QueueTimeout as exc:
+            self.sched.settle(reservation, None)
             self.agent.queue_timeouts += 1
             why = "the proxy is shutting down" if exc.shutting_down else f"no upstream capacity for {exc.waited:.1f} s"
             return json.dumps({"type": "error", "status": 503, "error": {
                 "type": "server_error", "code": "hivemind_unavailable", "message": f"hivemind_trio: {why}; try again later"}})
-        self.pending.append(ticket)
+        except BaseException:
+            self.sched.settle(reservation, None)
+            raise
+        self.pending.append((ticket, reservation))
         self.agent.in_flight += 1
         return None
 
@@ -171,17 +187,24 @@ class _Turns:
         kind = doc.get("type") if isinstance(doc, dict) else None
         if kind not in self._TERMINAL:
             return
-        ticket = self.pending.popleft()
+        ticket, reservation = self.pending.popleft()
         self.agent.in_flight -= 1
         usage = doc.get("response", {}).get("usage") if isinstance(doc.get("response"), dict) else None
         out = None
+        used = None
         if isinstance(usage, dict):
             inp, out = usage.get("input_tokens"), usage.get("output_tokens")
-            if isinstance(inp, int) and isinstance(out, int):
+            if isinstance(inp, int) and isinstance(out, int) and inp >= 0 and out >= 0:
                 self.agent.input_tokens += inp
                 self.agent.output_tokens += out
+                used = Usage(input_tokens=inp, output_tokens=out, source="openai_responses")
             else:
                 out = None
+        # A turn that failed with no usage reported consumed nothing we know of:
+        # its reservation is given back, as on the HTTP path.
+        if self.sched.settle(reservation, used):
+            log.warning("budget warning agent=%s: 85%% of a budget is used", self.identity.agent)
+            self.sched.emit("budget_warning", agent=self.identity.agent, lane=self.lane.key)
         ok = kind in ("response.completed", "response.incomplete")
         if not ok:
             self.agent.failures += 1
@@ -190,7 +213,8 @@ class _Turns:
     def close(self) -> None:
         """The socket is gone: turns still out end with no verdict."""
         while self.pending:
-            ticket = self.pending.popleft()
+            ticket, reservation = self.pending.popleft()
+            self.sched.settle(reservation, None)
             self.agent.in_flight -= 1
             self.lane.on_cancelled(ticket)
             self.lane.release(ticket, ok=None)

@@ -9,6 +9,7 @@ import trio
 import trio_websocket
 
 from hivemind_trio import Config, Route, open_proxy
+from hivemind_trio.config import BudgetConfig
 from tests.e2e.test_transparency import Recorder
 from tests.helpers import serve_asgi
 
@@ -88,3 +89,36 @@ async def test_a_paced_lane_holds_the_next_response_create() -> None:
                 # Held in the lane's queue (for most of a minute), never sent on.
                 assert up.creates == 1
                 assert rt.status()["agents"]["codex-ws"]["requests"] == 2
+
+
+async def test_response_create_frames_take_budget_and_are_refused_once_it_is_spent() -> None:
+    """Each turn reserves its estimate; the terminal event's usage replaces it;
+    a turn over the agent's budget gets an error event and never goes upstream."""
+    up = ResponsesOverWebSocket()
+    # Reserved per turn: its estimate (input bytes / 4 + max_output_tokens 60);
+    # used per turn: 47.  Two turns fit in 150, a third reservation does not.
+    budget = BudgetConfig(agent_tokens=150, ledger="off")
+    async with serve_asgi(up) as url, open_proxy(Config(upstream=url, budget=budget)) as proxy:
+        async with trio_websocket.open_websocket(
+            "127.0.0.1", proxy.port, "/v1/responses", use_ssl=False,
+            extra_headers=[(b"authorization", b"Bearer sk-test"), (b"x-hivemind-agent", b"codex-ws")],
+        ) as ws:
+            create = json.dumps({"type": "response.create", "model": "gpt-5", "input": "hi", "max_output_tokens": 60})
+            with trio.fail_after(GUARD):
+                for _ in range(2):
+                    await ws.send_message(create)
+                    kinds = [json.loads(await ws.get_message())["type"] for _ in range(3)]
+                    assert kinds[-1] == "response.completed"
+                    status = proxy.app.runtime.status()
+                    # Settled to the reported usage: nothing still reserved.
+                    assert status["agents"]["codex-ws"]["in_flight"] == 0
+                assert proxy.app.runtime.status()["agents"]["codex-ws"]["budget_left"] == 150 - 2 * 47
+                await ws.send_message(create)
+                refusal = json.loads(await ws.get_message())
+        status = proxy.app.runtime.status()
+    assert refusal["type"] == "error" and refusal["status"] == 429
+    assert refusal["error"]["type"] == "insufficient_quota"
+    assert "budget" in refusal["error"]["message"]
+    assert up.creates == 2
+    agent = status["agents"]["codex-ws"]
+    assert (agent["requests"], agent["budget_refusals"]) == (3, 1)
