@@ -424,6 +424,7 @@ def add_mock_arguments(parser: argparse.ArgumentParser) -> None:
     a("--output-sd", type=int, default=d.output_sd, help="output tokens sd")
     a("--window", type=float, default=d.window, help="rate window, seconds")
     a("--stream-delay", type=float, default=d.stream_delay, help="seconds between stream events")
+    a("--stream-chunks", type=int, default=d.stream_chunks, help="text deltas per streamed reply (at most one per character)")
     a("--seed", type=int, default=None, help="random seed")
     a("--reply-text", default=d.reply_text, help="text every reply contains")
     a("--no-pad", action="store_true", help="reply with exactly the reply text (no filler words)")
@@ -442,7 +443,7 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         drop_rate=args.drop_rate, stall_rate=args.stall_rate, midstream_error_rate=args.midstream_error_rate,
         latency=args.latency, jitter=args.jitter, spike_rate=args.spike_rate, spike_factor=args.spike_factor,
         output_mean=args.output_mean, output_sd=args.output_sd, window=args.window,
-        stream_delay=args.stream_delay, seed=args.seed, reply_text=args.reply_text,
+        stream_delay=args.stream_delay, stream_chunks=args.stream_chunks, seed=args.seed, reply_text=args.reply_text,
         pad_text=not args.no_pad, quota=args.quota, compress=args.compress,
         charge_faults=not args.uncharged_faults,
     )
