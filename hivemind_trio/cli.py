@@ -1,4 +1,4 @@
-"""``hivemind-trio`` command line: serve, status, mock."""
+"""``hivemind-trio`` command line: serve, status, bench, perf, mock."""
 
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench_from_args(args)
 
 
+def _perf(args: argparse.Namespace) -> int:
+    from .sim.perf import run_perf_from_args
+
+    return run_perf_from_args(args)
+
+
 def _mock(args: argparse.Namespace) -> int:
     from .sim.mock import run_mock_from_args
 
@@ -130,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="reproduce the paper's evaluation: scenarios direct vs through the proxy, against the mock")
     add_bench_arguments(b)
     b.set_defaults(func=_bench)
+
+    from .sim.perf import add_perf_arguments
+
+    pf = sub.add_parser(
+        "perf",
+        help="measure SPEC §9's overhead, throughput and scale: mock and proxy as real processes on loopback",
+    )
+    add_perf_arguments(pf)
+    pf.set_defaults(func=_perf)
 
     from .sim.mock import add_mock_arguments
 
