@@ -25,6 +25,7 @@ from hivemind_trio.sim.perf import (
     _count_events,
     main,
     options_from_args,
+    paired_event_delays,
     percentile,
     stream_lateness,
 )
@@ -71,7 +72,7 @@ def test_quick_perf_end_to_end(tmp_path, capsys):
 
     q = report["queue"]
     assert q["ok"] == 300 and _no_errors(q["errors"]), q
-    assert q["all_queued_after_s"] is not None and q["peak_queued"] > 0, q
+    assert q["all_queued_after_s"] is not None and q["peak_queued"] == 300, q
 
     for row in ("added latency p50 / p99", "CPU per request", "first event added", "reads carrying > 1 event",
                 "requests/s", "added per-event delay", "peak RSS", "requests queued at once"):
@@ -125,3 +126,14 @@ def test_percentile_and_lateness():
     assert percentile([0.0, 10.0], 0.99) == pytest.approx(9.9)
     reply = Reply(event_times=[10.0, 10.21, 10.4, 10.75])
     assert stream_lateness(reply, 0.2) == pytest.approx([0.01, 0.0, 0.15])
+
+
+def test_event_delays_pair_each_stream_with_the_nearest_probe():
+    stop = b"event: message_stop\ndata: {}\n\n"
+    # Probes: one drifting 10 ms per event (the mock's own lateness), one on time.
+    early = Reply(sent=0.0, status=200, body=stop, event_times=[1.0, 1.51, 2.02])
+    late = Reply(sent=10.0, status=200, body=stop, event_times=[11.0, 11.5, 12.0])
+    # A proxied stream started next to the drifting probe, each event 3 ms later than it.
+    proxied = Reply(sent=1.0, status=200, body=stop, event_times=[2.0, 2.513, 3.023])
+    assert paired_event_delays([proxied], [late, early], 0.5) == pytest.approx([0.003, 0.003])
+    assert paired_event_delays([proxied], [], 0.5) == []
