@@ -109,8 +109,10 @@ class Runtime:
         self.sinks: list[Callable[[RequestRecord], None]] = [log_request]
         self.metrics = Metrics(self)
         # Salt for credential fingerprints: per process, never persisted, so a
-        # fingerprint cannot be turned back into a key from logs.
-        self.salt = secrets.token_bytes(32)
+        # fingerprint cannot be turned back into a key from logs.  Instances
+        # sharing state need the same lanes and agent names: one shared salt.
+        shared = self.scheduler.shared
+        self.salt = shared.salt() if shared is not None else secrets.token_bytes(32)
         self.started_at = trio.current_time()
 
     async def aclose(self) -> None:
@@ -139,6 +141,7 @@ class Runtime:
             "websockets": {"open": c.websockets_open, "total": c.websockets_total},
             "pool": {"in_use": pool.borrowed_tokens, "size": pool.total_tokens, "waiting": pool.tasks_waiting},
             "uptime_s": round(trio.current_time() - self.started_at, 3),
+            "state": self.scheduler.state_statistics(),
             **self.scheduler.statistics(),
             "events": list(self.scheduler.events)[-50:],
         }
@@ -211,6 +214,7 @@ class ProxyApp:
         try:
             async with trio.open_nursery() as nursery:
                 rt.scheduler.attach(nursery)
+                await rt.scheduler.start_shared(nursery)
                 await send({"type": "lifespan.startup.complete"})
                 while (await receive())["type"] != "lifespan.shutdown":
                     pass
@@ -292,7 +296,7 @@ class ProxyApp:
         final: tuple[int, list[tuple[bytes, bytes]], bytes] | dict | None = None
         try:
             try:
-                reservation = sched.reserve_or_refuse(info, agent, lane)
+                reservation = await sched.reserve_or_refuse(info, agent, lane)
             except errors.BudgetExhausted as err:
                 status, hdrs, body = err.render(fmt)
                 final = (status, hdrs + info_headers(rt.config.server.info_headers, identity.agent, 0.0, 0), body)
