@@ -62,7 +62,8 @@ class RedisServer:
         else:
             raise RuntimeError("redis-server did not start:\n" + "".join(self.log))
         # Keep draining its log so it can never block on a full pipe.
-        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
+        self._drainer.start()
 
     def _drain(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
@@ -74,4 +75,7 @@ class RedisServer:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            self._drainer.join()  # it reads to EOF, which the kill brings
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
             self.proc = None

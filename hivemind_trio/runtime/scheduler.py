@@ -209,6 +209,7 @@ class LaneStatistics:
     upstream_5xx: int
     resets: int
     admitted: int
+    shared_waits: int
 
 
 @attrs.define
@@ -278,6 +279,8 @@ class Lane:
         self.upstream_429 = 0
         self.upstream_5xx = 0
         self.resets = 0
+        # Times the shared gate (SPEC §7.5) said "wait" although every local gate was open.
+        self.shared_waits = 0
 
     # -- waiting ------------------------------------------------------------
 
@@ -332,6 +335,7 @@ class Lane:
             t.lease = ""  # degraded: local gates only
             return 0.0
         if wait > 0:
+            self.shared_waits += 1
             return wait
         t.lease = f"{self.shared.instance}:{t.id}"
         t.shared_at = at
@@ -691,6 +695,7 @@ class Lane:
             upstream_5xx=self.upstream_5xx,
             resets=self.resets,
             admitted=self.admitted,
+            shared_waits=self.shared_waits,
         )
 
 
@@ -867,6 +872,11 @@ class Scheduler:
         if not ok:
             idx, unit, used, reserved = rows
             limit = next(lim for i, u, lim in checks if i == idx and u == unit)
+            # Mirror what the fleet spent, so status shows it here too.
+            c = self.budget.state.counters.get(keys[idx])
+            tokens = (used, reserved) if unit == "tokens" else ((c.used_tokens, c.reserved_tokens) if c else (0, 0))
+            usd_ = (used, reserved) if unit == "usd" else ((c.used_usd, c.reserved_usd) if c else (0.0, 0.0))
+            self.budget.adopt(keys[idx], int(tokens[0]), int(tokens[1]), usd_[0], usd_[1], c.requests if c else 0)
             return self.budget.refusal(info.agent, keys[idx], unit, limit, used, reserved, usd if unit == "usd" else est)
         for key, (u_t, r_t, u_u, r_u, req) in zip(keys, rows):
             self.budget.adopt(key, u_t, r_t - est, u_u, r_u - usd, req - 1)

@@ -80,8 +80,13 @@ class SharedState:
         self.started = False
         self._conn: Connection | None = None
         self._down = trio.Event()
+        self._connected = trio.Event()
         self._ops: list[tuple[Script, list[Any], list[Any], bool]] = []
         self._ops_ready = trio.Event()
+        # Writes queued / written (or given up): flushed() waits for the gap to close.
+        self._queued = 0
+        self._done = 0
+        self._progress = trio.Event()
         self._replay: deque[tuple[Script, list[Any], list[Any]]] = deque(maxlen=_REPLAY_MAX)
         # lane id -> lease ids held by this instance (renewed by the heartbeat).
         self.leases: dict[str, set[str]] = {}
@@ -112,6 +117,15 @@ class SharedState:
         renew leases.  ``started`` once the first connection attempt is over,
         so a proxy starts in a known mode."""
         self.started = True
+        try:
+            await self._run(task_status)
+        finally:
+            conn, self._conn = self._conn, None
+            self.up = False
+            if conn is not None:
+                await conn.aclose()
+
+    async def _run(self, task_status: Any) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flusher)
             nursery.start_soon(self._heartbeat)
@@ -138,6 +152,7 @@ class SharedState:
                 self._conn = conn
                 self._down = trio.Event()
                 self.up = True
+                self._connected.set()
                 replayed = await self._resync(conn)
                 if was_out and self.up:
                     log.warning("shared state %s is back: shared mode resumed (%d budget updates replayed)", self.url.describe(), replayed)
@@ -148,19 +163,26 @@ class SharedState:
                     first = False
                     task_status.started()
                 await self._down.wait()
+                await conn.aclose()
 
     def _fail(self, reason: str) -> None:
         """Redis failed: local state from now on, one warning per outage."""
         self.last_error = reason
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            conn.closed = True  # the failing call closes its socket itself
+        # The connection itself is closed by run(), which wakes up now.
+        self._conn = None
         if self.up or self.outages == 0:
             self.outages += 1
             log.warning("shared state %s unreachable (%s): serving on local state until it is back", self.url.describe(), reason)
             self.emit("shared_state_down", backend=self.url.describe(), error=reason)
         self.up = False
         self._down.set()
+        if self._connected.is_set():
+            self._connected = trio.Event()
+
+    async def wait_connected(self) -> None:
+        """Return once shared mode is on (at once if it is)."""
+        while not self.up:
+            await self._connected.wait()
 
     async def _resync(self, conn: Connection) -> int:
         """Replay the budget deltas settled while Redis was away."""
@@ -198,16 +220,31 @@ class SharedState:
                 self._replay.append((script, keys, args))
             return
         self._ops.append((script, keys, args, replay))
+        self._queued += 1
         self._ops_ready.set()
+
+    async def flushed(self) -> None:
+        """Wait until every write queued so far has gone out (or failed)."""
+        target = self._queued
+        while self._done < target:
+            await self._progress.wait()
+
+    def _advance(self, n: int) -> None:
+        self._done += n
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def _flusher(self) -> None:
         while True:
             await self._ops_ready.wait()
             self._ops_ready = trio.Event()
             ops, self._ops = self._ops, []
+            if not ops:
+                continue
             conn = self._conn
             if not self.up or conn is None:
                 self._replay.extend((s, k, a) for s, k, a, r in ops if r)
+                self._advance(len(ops))
                 continue
             try:
                 replies = await conn.pipeline([("EVALSHA", s.sha, len(k), *k, *a) for s, k, a, _ in ops])
@@ -216,19 +253,24 @@ class SharedState:
                 # over-counts, which errs on the safe side.
                 self._replay.extend((s, k, a) for s, k, a, r in ops if r)
                 self._fail(str(exc))
+                self._advance(len(ops))
                 continue
+            retried = 0
             for (s, k, a, r), reply in zip(ops, replies):
                 if isinstance(reply, RedisError):
                     if reply.kind == "NOSCRIPT":
+                        retried += 1
                         self._ops.append((s, k, a, r))
                         try:
                             await conn.command("SCRIPT", "LOAD", s.source)
                         except (ConnectionLost, RedisError) as exc:
                             self._fail(str(exc))
+                            self._ops_ready.set()
                             break
                         self._ops_ready.set()
                     else:
                         log.error("shared state write failed: %s", reply)
+            self._advance(len(ops) - retried)
 
     async def _heartbeat(self) -> None:
         """Renew the leases of requests still running (long streams)."""
