@@ -832,7 +832,9 @@ class Scheduler:
     async def reserve_or_refuse(self, info: RequestInfo, agent: AgentStats, lane: Lane) -> Reservation | None:
         """The budget step of every edge: a reservation (None: budgets are off),
         or :class:`errors.BudgetExhausted` (a 429 the client must not retry)."""
-        res = await self.reserve_shared(info) if self.shared is not None and self.shared.up else self.reserve(info)
+        # Without a budget limit there is nothing to share (usage totals stay per instance).
+        fleet = self.shared is not None and self.shared.up and bool(self.budget.limits)
+        res = await self.reserve_shared(info) if fleet else self.reserve(info)
         if isinstance(res, Refusal):
             agent.budget_refusals += 1
             log.warning("budget refused agent=%s: %s", info.agent, res.message)
@@ -897,7 +899,7 @@ class Scheduler:
                                           used_tokens=0, used_usd=0.0, requests=-1, ttls=[_budget_ttl(k) for k in reservation.keys])
             return False
         charge = self.budget.reconcile(reservation, usage.all_input_tokens, usage.output_tokens)
-        if charge is not None and self.shared is not None:
+        if charge is not None and self.shared is not None and self.budget.limits:
             # A reservation made while Redis was away was never counted
             # there: its request and usage are added (now, or on recovery).
             self.shared.budget_settle(

@@ -29,19 +29,10 @@ from hivemind_trio.runtime.serve import Proxy
 from hivemind_trio.sim.mock import MockConfig, MockProvider, serve_mock
 from hivemind_trio.state.redis import Connection, parse_redis_url
 from hivemind_trio.state.shared import SharedState
-from tests.redis_server import RedisServer, redis_binary
 
 W = 2.0  # the rate window, scaled down from 60 s
 GUARD = 60.0
 HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "sk-fleet-test", "content-type": "application/json"}
-
-
-@pytest.fixture
-def redis_server(tmp_path) -> RedisServer:
-    server = RedisServer(redis_binary(), tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
