@@ -359,6 +359,11 @@ class _Home:
     def adopt(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.scheduler.attach(nursery)
+        shared = self.scheduler.shared
+        if shared is not None and not shared.started:
+            # Connects in the background: requests go on local state until it is up.
+            shared.started = True
+            nursery.start_soon(shared.run)
         self._ready.set()
 
     async def ready(self) -> None:
