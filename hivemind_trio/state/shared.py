@@ -147,7 +147,6 @@ class SharedState:
                     await trio.sleep(backoff * (0.5 + secrets.randbelow(1000) / 1000))
                     backoff = min(backoff * 2, 5.0)
                     continue
-                backoff = 0.1
                 was_out = self.outages > 0
                 self._conn = conn
                 self._down = trio.Event()
@@ -162,8 +161,17 @@ class SharedState:
                 if first:
                     first = False
                     task_status.started()
+                connected_at = trio.current_time()
                 await self._down.wait()
                 await conn.aclose()
+                if trio.current_time() - connected_at < 10.0:
+                    # A Redis that accepts connections and then fails at once
+                    # (flapping): back off as if it had refused, so the log
+                    # gets a warning per back-off, not a stream of them.
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                else:
+                    backoff = 0.1
 
     def _fail(self, reason: str) -> None:
         """Redis failed: local state from now on, one warning per outage."""

@@ -255,3 +255,37 @@ async def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server,
     finally:
         await conn.aclose()
     assert used > 0
+
+
+# -- 5b. a long stream keeps its lease alive -----------------------------------------------
+
+
+async def test_long_streams_renew_their_leases(redis_server) -> None:
+    # Leases live 1 s without a heartbeat; the streams run about 3 s.  Were
+    # they not renewed, the other instance would see a free window after
+    # 1 s and the mock a ninth request in flight.
+    url = redis_server.url + "?lease_ttl=1"
+    body = {"model": "claude-test", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    with trio.fail_after(GUARD):
+        async with fleet(2, url, mock={"stream_delay": 0.5, "stream_chunks": 6}, scheduler={"aimd": False}) as (provider, (a, b)):
+            window = lanes(a)[0].window.limit if lanes(a) else 8
+            started = trio.Semaphore(0)
+
+            async def stream(i: int) -> None:
+                async with httpx.AsyncClient(base_url=a.url, timeout=GUARD) as client:
+                    async with client.stream("POST", "/v1/messages", json=body,
+                                             headers={**HEADERS, "x-hivemind-agent": f"s{i}", "x-agent-id": f"s{i}"}) as r:
+                        assert r.status_code == 200
+                        started.release()
+                        async for _ in r.aiter_raw():
+                            pass
+
+            async with trio.open_nursery() as nursery:
+                for i in range(window):
+                    nursery.start_soon(stream, i)
+                for _ in range(window):
+                    await started.acquire()
+                late = await ask(b, "late")
+            assert lanes(a)[0].window.limit == window
+    assert late.status_code == 200
+    assert provider.peak_in_flight <= window
