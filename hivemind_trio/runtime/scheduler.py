@@ -731,8 +731,8 @@ class Scheduler:
         self._event_seq = itertools.count(1)
         # Shared state (SPEC §7.5); started by start_shared().
         self.shared: SharedState | None = SharedState(parse_redis_url(config.state), emit=self.emit) if config.state else None
-        # Budget reservations the shared backend holds (settled there too).
-        self._shared_reservations: set[int] = set()
+        # Budget reservations the shared backend holds: id -> its member there.
+        self._shared_reservations: dict[int, str] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -868,7 +868,7 @@ class Scheduler:
         wall = time.time()
         keys, checks, usd = self.budget.plan(info.agent, est, wall, model=info.model, est_input=info.input_estimate, est_output=est_out)
         try:
-            ok, rows = await self.shared.budget_reserve(list(keys), checks, est, usd, [_budget_ttl(k) for k in keys])
+            ok, rows, member = await self.shared.budget_reserve(list(keys), checks, est, usd, [_budget_ttl(k) for k in keys])
         except SharedUnavailable:
             return self.reserve(info)
         if not ok:
@@ -884,29 +884,26 @@ class Scheduler:
             self.budget.adopt(key, u_t, r_t - est, u_u, r_u - usd, req - 1)
         res = self.budget.reserve(info.agent, est, wall, model=info.model, est_input=info.input_estimate, est_output=est_out, check=False)
         assert isinstance(res, Reservation)
-        self._shared_reservations.add(res.id)
+        self._shared_reservations[res.id] = member
         return res
 
     def settle(self, reservation: Reservation | None, usage: Usage | None) -> bool:
         """Replace a reservation by what was used; True if a budget is at its warning level."""
         if reservation is None:
             return False
-        shared = reservation.id in self._shared_reservations
-        self._shared_reservations.discard(reservation.id)
+        member = self._shared_reservations.pop(reservation.id, None)
         if usage is None:
-            if self.budget.release(reservation) and shared and self.shared is not None:
-                self.shared.budget_settle(list(reservation.keys), reserved_tokens=-reservation.tokens, reserved_usd=-reservation.usd,
-                                          used_tokens=0, used_usd=0.0, requests=-1, ttls=[_budget_ttl(k) for k in reservation.keys])
+            if self.budget.release(reservation) and member is not None and self.shared is not None:
+                self.shared.budget_settle(list(reservation.keys), member, used_tokens=0, used_usd=0.0, requests=-1,
+                                          ttls=[_budget_ttl(k) for k in reservation.keys])
             return False
         charge = self.budget.reconcile(reservation, usage.all_input_tokens, usage.output_tokens)
         if charge is not None and self.shared is not None and self.budget.limits:
             # A reservation made while Redis was away was never counted
             # there: its request and usage are added (now, or on recovery).
             self.shared.budget_settle(
-                list(reservation.keys),
-                reserved_tokens=-reservation.tokens if shared else 0,
-                reserved_usd=-reservation.usd if shared else 0.0,
-                used_tokens=charge.tokens, used_usd=charge.usd, requests=0 if shared else 1,
+                list(reservation.keys), member or "",
+                used_tokens=charge.tokens, used_usd=charge.usd, requests=0 if member is not None else 1,
                 ttls=[_budget_ttl(k) for k in reservation.keys],
             )
         if self.ledger is not None:

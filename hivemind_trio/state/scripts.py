@@ -16,7 +16,8 @@ a credential *fingerprint*: no credential ever reaches Redis.
   sliding window of admissions for rpm/tpm pacing.
 - ``<p>:{<lane>}:gate``    HASH paused_until, open_until, probe_until, prober,
   learned_rpm, tok (tokens in the log).
-- ``<p>:budget:<counter key>`` HASH used/reserved tokens and USD, requests.
+- ``<p>:budget:<counter key>`` HASH used/reserved tokens and USD, requests;
+  ``<p>:budget:<counter key>:res`` ZSET of the reservations in flight.
 """
 
 from __future__ import annotations
@@ -165,16 +166,41 @@ if redis.call('TTL', KEYS[1]) < 3600 then redis.call('EXPIRE', KEYS[1], 3600) en
 return 1
 """)
 
-# KEYS: budget counters to charge.
+# Budget reservations are leases too: each counter hash has a ZSET beside it
+# (``<counter>:res``) of the reservations in flight, member
+# "<instance>:<n>|<tokens>|<usd>" -> expiry, renewed by the instance's
+# heartbeat.  A crashed instance's reservations expire and their amounts
+# leave ``reserved_*`` (the next reserve prunes them), so a day budget does
+# not stay blocked by requests that will never settle.
+_PRUNE_RESERVATIONS = """
+local function unreserve(h, m)
+  local t, u = string.match(m, '|(%d+)|([^|]+)$')
+  if redis.call('HINCRBY', h, 'reserved_tokens', -tonumber(t)) < 0 then redis.call('HSET', h, 'reserved_tokens', 0) end
+  if tonumber(u) ~= 0 and tonumber(redis.call('HINCRBYFLOAT', h, 'reserved_usd', -tonumber(u))) < 1e-9 then
+    redis.call('HSET', h, 'reserved_usd', 0)
+  end
+end
+local function prune_reservations(h, z, now)
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  for _, m in ipairs(old) do unreserve(h, m) end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
+end
+"""
+
+# KEYS: n counter hashes, then their n reservation ZSETs.
 # ARGV: n checks, then per check (key index, "tokens"|"usd", limit), then
-#       est tokens, est usd, then one TTL per key (0: keep).
+#       est tokens, est usd, member, reservation ttl, then one TTL per key.
 # -> {0, key index, unit, used, reserved} refused, or {1, per key: used
 #    tokens, reserved tokens, used usd, reserved usd, requests} (after).
-BUDGET_RESERVE = Script("""
+BUDGET_RESERVE = Script(_NOW + _PRUNE_RESERVATIONS + """
+local n = #KEYS / 2
+for i = 1, n do prune_reservations(KEYS[i], KEYS[n + i], now) end
 local nc = tonumber(ARGV[1])
 local base = 2 + nc * 3
 local est_t = tonumber(ARGV[base])
 local est_u = tonumber(ARGV[base + 1])
+local member = ARGV[base + 2]
+local rttl = tonumber(ARGV[base + 3])
 for i = 0, nc - 1 do
   local k = KEYS[tonumber(ARGV[2 + i * 3])]
   local unit = ARGV[3 + i * 3]
@@ -192,37 +218,50 @@ for i = 0, nc - 1 do
   end
 end
 local out = {1}
-for i, k in ipairs(KEYS) do
+for i = 1, n do
+  local k = KEYS[i]
   redis.call('HINCRBY', k, 'reserved_tokens', est_t)
   if est_u ~= 0 then redis.call('HINCRBYFLOAT', k, 'reserved_usd', ARGV[base + 1]) end
   redis.call('HINCRBY', k, 'requests', 1)
-  local ttl = tonumber(ARGV[base + 1 + i])
-  if ttl > 0 then redis.call('EXPIRE', k, ttl) end
+  redis.call('ZADD', KEYS[n + i], now + rttl, member)
+  local ttl = tonumber(ARGV[base + 3 + i])
+  if ttl > 0 then
+    redis.call('EXPIRE', k, ttl)
+    redis.call('EXPIRE', KEYS[n + i], ttl)
+  end
   local v = redis.call('HMGET', k, 'used_tokens', 'reserved_tokens', 'used_usd', 'reserved_usd', 'requests')
   for j = 1, 5 do out[#out + 1] = v[j] or '0' end
 end
 return out
 """)
 
-# KEYS: budget counters; ARGV: delta reserved tokens, delta reserved usd,
-# delta used tokens, delta used usd, delta requests, then one TTL per key.
-BUDGET_SETTLE = Script("""
-for i, k in ipairs(KEYS) do
-  -- Never below zero: counters lost with a Redis restart come back from 0.
-  if redis.call('HINCRBY', k, 'reserved_tokens', ARGV[1]) < 0 then redis.call('HSET', k, 'reserved_tokens', 0) end
-  if tonumber(ARGV[2]) ~= 0 and tonumber(redis.call('HINCRBYFLOAT', k, 'reserved_usd', ARGV[2])) < 1e-9 then
-    redis.call('HSET', k, 'reserved_usd', 0)
-  end
-  redis.call('HINCRBY', k, 'used_tokens', ARGV[3])
-  if tonumber(ARGV[4]) ~= 0 then redis.call('HINCRBYFLOAT', k, 'used_usd', ARGV[4]) end
-  if tonumber(ARGV[5]) ~= 0 then redis.call('HINCRBY', k, 'requests', ARGV[5]) end
-  local ttl = tonumber(ARGV[5 + i])
+# KEYS: n counter hashes, then their n reservation ZSETs.
+# ARGV: member ("" when the reservation was never in Redis), delta used
+# tokens, delta used usd, delta requests, then one TTL per key.  The
+# reservation's amounts leave ``reserved_*`` only if it is still there (not
+# expired and pruned meanwhile), so a late or replayed settle never takes
+# them off twice.
+BUDGET_SETTLE = Script(_PRUNE_RESERVATIONS + """
+local n = #KEYS / 2
+for i = 1, n do
+  local k = KEYS[i]
+  if ARGV[1] ~= '' and redis.call('ZREM', KEYS[n + i], ARGV[1]) == 1 then unreserve(k, ARGV[1]) end
+  redis.call('HINCRBY', k, 'used_tokens', ARGV[2])
+  if tonumber(ARGV[3]) ~= 0 then redis.call('HINCRBYFLOAT', k, 'used_usd', ARGV[3]) end
+  if tonumber(ARGV[4]) ~= 0 then redis.call('HINCRBY', k, 'requests', ARGV[4]) end
+  local ttl = tonumber(ARGV[4 + i])
   if ttl > 0 then redis.call('EXPIRE', k, ttl) end
 end
+return 1
+""")
+
+# KEYS: reservation ZSETs; ARGV: ttl, member.  The request is still running.
+BUDGET_RENEW = Script(_NOW + """
+for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), ARGV[2]) end
 return 1
 """)
 
 # KEYS: leases; ARGV: lease ids.  The requests are over.
 RELEASE = Script("return redis.call('ZREM', KEYS[1], unpack(ARGV))")
 
-ALL = (ACQUIRE, RELEASE, RENEW, SETTLE, GATE, BUDGET_RESERVE, BUDGET_SETTLE)
+ALL = (ACQUIRE, RELEASE, RENEW, SETTLE, GATE, BUDGET_RESERVE, BUDGET_SETTLE, BUDGET_RENEW)

@@ -33,6 +33,7 @@ outage is not lost), logs the recovery and shared mode resumes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import secrets
@@ -90,6 +91,9 @@ class SharedState:
         self._replay: deque[tuple[Script, list[Any], list[Any]]] = deque(maxlen=_REPLAY_MAX)
         # lane id -> lease ids held by this instance (renewed by the heartbeat).
         self.leases: dict[str, set[str]] = {}
+        # Budget reservation member -> its ZSETs (renewed by the heartbeat).
+        self.reservations: dict[str, list[str]] = {}
+        self._reservation_ids = itertools.count(1)
         self.outages = 0
         self.last_error = ""
         self.calls = 0
@@ -291,6 +295,8 @@ class SharedState:
                     self._queue(scripts.RENEW, [self.key(lane, "leases")], [self.url.lease_ttl, *sorted(held)])
                 else:
                     del self.leases[lane]
+            for member, zsets in list(self.reservations.items()):
+                self._queue(scripts.BUDGET_RENEW, zsets, [self.url.lease_ttl, member])
 
     # -- lanes ------------------------------------------------------------------------
 
@@ -353,33 +359,45 @@ class SharedState:
 
     # -- budgets ----------------------------------------------------------------------
 
+    def _budget_keys(self, counters: list[str]) -> list[str]:
+        hashes = [self.budget_key(c) for c in counters]
+        return hashes + [h + ":res" for h in hashes]
+
     async def budget_reserve(
         self, counters: list[str], checks: list[tuple[int, str, float]], tokens: int, usd: float, ttls: list[int]
-    ) -> tuple[bool, list[Any]]:
-        """``(True, [(used_t, reserved_t, used_usd, reserved_usd, requests)...])``
-        or ``(False, [key index, unit, used, reserved])``."""
+    ) -> tuple[bool, list[Any], str]:
+        """``(True, [(used_t, reserved_t, used_usd, reserved_usd, requests)...], member)``
+        or ``(False, [key index, unit, used, reserved], "")``.  A granted
+        reservation is a lease (``member``), renewed by the heartbeat until
+        :meth:`budget_settle`."""
+        member = f"{self.instance}:{next(self._reservation_ids)}|{max(0, int(tokens))}|{float(usd)!r}"
         args: list[Any] = [len(checks)]
         for idx, unit, limit in checks:
             args += [idx + 1, unit, repr(float(limit))]
-        args += [int(tokens), repr(float(usd)), *ttls]
-        reply = await self.eval(scripts.BUDGET_RESERVE, [self.budget_key(c) for c in counters], args)
+        args += [int(tokens), repr(float(usd)), member, self.url.lease_ttl, *ttls]
+        keys = self._budget_keys(counters)
+        reply = await self.eval(scripts.BUDGET_RESERVE, keys, args)
         if int(reply[0]) == 0:
-            return False, [int(reply[1]) - 1, reply[2].decode(), _f(reply[3]), _f(reply[4])]
+            return False, [int(reply[1]) - 1, reply[2].decode(), _f(reply[3]), _f(reply[4])], ""
+        self.reservations[member] = keys[len(counters):]
         vals = reply[1:]
         rows = []
         for i in range(len(counters)):
             u_t, r_t, u_u, r_u, req = vals[5 * i : 5 * i + 5]
             rows.append((int(_f(u_t)), int(_f(r_t)), _f(u_u), _f(r_u), int(_f(req))))
-        return True, rows
+        return True, rows, member
 
     def budget_settle(
-        self, counters: list[str], *, reserved_tokens: int, reserved_usd: float, used_tokens: int, used_usd: float,
-        requests: int, ttls: list[int],
+        self, counters: list[str], member: str, *, used_tokens: int, used_usd: float, requests: int, ttls: list[int],
     ) -> None:
+        """Settle a reservation (``member``; "" for one made while Redis was
+        away): its amounts leave ``reserved`` if it is still there, the usage
+        is added.  Kept for replay while Redis is unreachable."""
+        self.reservations.pop(member, None)
         self._queue(
             scripts.BUDGET_SETTLE,
-            [self.budget_key(c) for c in counters],
-            [int(reserved_tokens), repr(float(reserved_usd)), int(used_tokens), repr(float(used_usd)), int(requests), *ttls],
+            self._budget_keys(counters),
+            [member, int(used_tokens), repr(float(used_usd)), int(requests), *ttls],
             replay=True,
         )
 
@@ -396,6 +414,7 @@ class SharedState:
             "calls": self.calls,
             "mean_call_ms": round(1000 * self.call_seconds / self.calls, 3) if self.calls else None,
             "leases_held": sum(len(v) for v in self.leases.values()),
+            "reservations_held": len(self.reservations),
             "pending_replay": len(self._replay),
         }
 

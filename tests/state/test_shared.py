@@ -15,9 +15,11 @@ only when something is broken.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -289,3 +291,36 @@ async def test_long_streams_renew_their_leases(redis_server) -> None:
             assert lanes(a)[0].window.limit == window
     assert late.status_code == 200
     assert provider.peak_in_flight <= window
+
+
+# -- 3b. budget reservations of a crashed instance expire ----------------------------------
+
+
+@pytest.mark.parametrize("ghost_ttl", [30.0, 0.001], ids=["ghost-alive", "ghost-expired"])
+async def test_a_crashed_instances_budget_reservations_expire(redis_server, ghost_ttl: float) -> None:
+    budget = BudgetConfig(agent_tokens=5000, ledger="off")
+    with trio.fail_after(GUARD):
+        async with fleet(1, redis_server.url, budget=budget) as (provider, (p,)):
+            sched = p.app.runtime.scheduler
+            keys, checks, usd = sched.budget.plan("x", 4900, time.time())
+            # Another instance reserves nearly all of x's budget for a request
+            # in flight, then dies: no settle, no heartbeat.
+            async with trio.open_nursery() as nursery:
+                ghost = SharedState(attrs.evolve(parse_redis_url(redis_server.url), lease_ttl=ghost_ttl))
+                await nursery.start(ghost.run)
+                ok, _, _ = await ghost.budget_reserve(list(keys), checks, 4900, usd, [3600] * len(keys))
+                assert ok
+                nursery.cancel_scope.cancel()
+            r = await ask(p, "x", max_tokens=300)
+            await shared(p).flushed()
+            conn = await Connection.open(parse_redis_url(redis_server.url))
+            try:
+                reserved = int(await conn.command("HGET", f"hivemind:budget:{keys[2]}", "reserved_tokens"))
+            finally:
+                await conn.aclose()
+    if ghost_ttl > 1:
+        assert r.status_code == 429 and "budget" in r.text  # the ghost's reservation still counts...
+        assert reserved == 4900
+    else:
+        assert r.status_code == 200  # ...until it expires: then it is gone for good
+        assert reserved == 0
