@@ -25,6 +25,9 @@ from __future__ import annotations
 from .redis import Script
 
 _NOW = """
+-- Redis < 7 replicates scripts verbatim unless told to replicate effects,
+-- and refuses writes after TIME without it; Redis 7 always replicates effects.
+if redis.replicate_commands then redis.replicate_commands() end
 local _t = redis.call('TIME')
 local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
 """
