@@ -234,6 +234,8 @@ async def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server,
             redis_server.stop()
             during = [await ask(p, "x") for p in (a, b, a, b, a)]
             status = (await get_status(a))["state"]
+            async with httpx.AsyncClient(base_url=a.url) as client:
+                metrics = (await client.get("/hivemind/metrics")).text
             redis_server.start()  # empty: it lost everything
             await shared(a).wait_connected()
             await shared(b).wait_connected()
@@ -244,6 +246,7 @@ async def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server,
             events = [e["kind"] for e in a.app.runtime.scheduler.events]
     assert [r.status_code for r in during] == [200] * 5
     assert status["backend"] == "redis" and status["connected"] is False
+    assert "hivemind_state_connected 0.0" in metrics and "hivemind_state_outages_total 1.0" in metrics
     down = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(down) == 2  # once per instance, not once per request
     assert all("serving on local state" in r.getMessage() for r in down)
