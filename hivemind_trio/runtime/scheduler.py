@@ -263,6 +263,8 @@ class Lane:
         )
         self.spec = _core_spec(profile)
         self._tickets: dict[int, Ticket] = {}
+        # Admitted and not yet released (for the shared state's resync).
+        self._granted: set[Ticket] = set()
         self._next: Ticket | None = None
         self._kick = trio.Event()
         self._waiting_headers: set[trio.CancelScope] = set()
@@ -341,6 +343,21 @@ class Lane:
         t.shared_at = at
         return 0.0
 
+    def unshared_in_flight(self) -> list[tuple[str, int, Callable[[float], None]]]:
+        """Requests in flight that went out on local state (Redis was away):
+        each gets a lease id now, and learns its shared admission time later."""
+        assert self.shared is not None
+        out = []
+        for t in self._granted:
+            if t.lease == "" and not t.done:
+                t.lease = f"{self.shared.instance}:{t.id}"
+
+                def adopted(at: float, t: Ticket = t) -> None:
+                    t.shared_at = at
+
+                out.append((t.lease, max(0, int(t.tokens)), adopted))
+        return out
+
     def _member(self, t: Ticket) -> str:
         return f"{t.lease}|{max(0, int(t.tokens))}"
 
@@ -411,6 +428,7 @@ class Lane:
             self._next = None
             t.granted = True
             t.granted_at = now
+            self._granted.add(t)
             t.at_floor = not cfg.aimd or self.window.limit <= self.window.min
             self.in_flight += 1
             self.admitted += 1
@@ -617,6 +635,7 @@ class Lane:
         if not t.granted or t.done:
             return
         t.done = True
+        self._granted.discard(t)
         self._settle(t)
         now = trio.current_time()
         in_flight = self.in_flight
@@ -733,6 +752,8 @@ class Scheduler:
         self.shared: SharedState | None = SharedState(parse_redis_url(config.state), emit=self.emit) if config.state else None
         # Budget reservations the shared backend holds: id -> its member there.
         self._shared_reservations: dict[int, str] = {}
+        if self.shared is not None:
+            self.shared.in_flight_hook = lambda: [(lane.shared_id, lane.unshared_in_flight()) for lane in self.lanes.values()]
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -264,7 +264,23 @@ for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), A
 return 1
 """)
 
+# KEYS: leases, log, gate; ARGV: ttl, then pairs (lease id, tokens).
+# After an outage: requests admitted on local state meanwhile and still in
+# flight take their leases (and log entries, as of now) in the shared books.
+# -> now (server time).
+ADOPT = Script(_NOW + """
+local ttl = tonumber(ARGV[1])
+local added = 0
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  redis.call('ZADD', KEYS[2], now, ARGV[i] .. '|' .. ARGV[i + 1])
+  added = added + tonumber(ARGV[i + 1])
+end
+redis.call('HINCRBY', KEYS[3], 'tok', added)
+return string.format('%.6f', now)
+""")
+
 # KEYS: leases; ARGV: lease ids.  The requests are over.
 RELEASE = Script("return redis.call('ZREM', KEYS[1], unpack(ARGV))")
 
-ALL = (ACQUIRE, RELEASE, RENEW, SETTLE, GATE, BUDGET_RESERVE, BUDGET_SETTLE, BUDGET_RENEW)
+ALL = (ACQUIRE, ADOPT, RELEASE, RENEW, SETTLE, GATE, BUDGET_RESERVE, BUDGET_SETTLE, BUDGET_RENEW)

@@ -94,6 +94,9 @@ class SharedState:
         # Budget reservation member -> its ZSETs (renewed by the heartbeat).
         self.reservations: dict[str, list[str]] = {}
         self._reservation_ids = itertools.count(1)
+        # Called on recovery: the requests in flight that were admitted on
+        # local state, per lane: (lane id, [(lease id, tokens, set server time)]).
+        self.in_flight_hook: Callable[[], list[tuple[str, list[tuple[str, int, Callable[[float], None]]]]]] | None = None
         self.outages = 0
         self.last_error = ""
         self.calls = 0
@@ -197,7 +200,24 @@ class SharedState:
             await self._connected.wait()
 
     async def _resync(self, conn: Connection) -> int:
-        """Replay the budget deltas settled while Redis was away."""
+        """Replay the budget deltas settled while Redis was away, and put the
+        requests admitted on local state and still in flight on the books."""
+        if self.in_flight_hook is not None:
+            for lane, held in self.in_flight_hook():
+                if not held:
+                    continue
+                args: list[Any] = [self.url.lease_ttl]
+                for lease, tokens, _ in held:
+                    args += [lease, max(0, int(tokens))]
+                try:
+                    now = _f(await conn.eval(scripts.ADOPT, [self.key(lane, "leases"), self.key(lane, "log"), self.key(lane, "gate")], args))
+                except (ConnectionLost, RedisError) as exc:
+                    self._fail(str(exc))
+                    return 0
+                mine = self.leases.setdefault(lane, set())
+                for lease, _, adopted in held:
+                    mine.add(lease)
+                    adopted(now)
         n = 0
         while self._replay and self.up:
             batch = [self._replay.popleft() for _ in range(min(len(self._replay), 500))]

@@ -327,3 +327,44 @@ async def test_a_crashed_instances_budget_reservations_expire(redis_server, ghos
     else:
         assert r.status_code == 200  # ...until it expires: then it is gone for good
         assert reserved == 0
+
+
+async def test_requests_admitted_during_an_outage_are_put_on_the_books_on_recovery(redis_server) -> None:
+    body = {"model": "claude-test", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    with trio.fail_after(GUARD):
+        async with fleet(1, redis_server.url, mock={"stream_delay": 0.3, "stream_chunks": 6}) as (provider, (p,)):
+            assert (await ask(p, "warm-up")).status_code == 200
+            lane = lanes(p)[0]
+            leases = f"hivemind:{{{lane.shared_id}}}:leases"
+            redis_server.stop()
+            started = trio.Event()
+            release = trio.Event()
+
+            async def stream() -> None:
+                async with httpx.AsyncClient(base_url=p.url, timeout=GUARD) as client:
+                    async with client.stream("POST", "/v1/messages", json=body, headers={**HEADERS, "x-hivemind-agent": "s"}) as r:
+                        assert r.status_code == 200
+                        started.set()
+                        await release.wait()
+                        async for _ in r.aiter_raw():
+                            pass
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream)
+                await started.wait()  # admitted on local state: Redis is down
+                redis_server.start()
+                await shared(p).wait_connected()
+                conn = await Connection.open(parse_redis_url(redis_server.url))
+                try:
+                    during = await conn.command("ZCARD", leases)
+                    release.set()
+                finally:
+                    await conn.aclose()
+            await shared(p).flushed()
+            conn = await Connection.open(parse_redis_url(redis_server.url))
+            try:
+                after = await conn.command("ZCARD", leases)
+            finally:
+                await conn.aclose()
+    assert during == 1  # the stream still running holds its lease in the fleet's window
+    assert after == 0  # and gives it back when it ends
