@@ -368,3 +368,39 @@ async def test_requests_admitted_during_an_outage_are_put_on_the_books_on_recove
                 await conn.aclose()
     assert during == 1  # the stream still running holds its lease in the fleet's window
     assert after == 0  # and gives it back when it ends
+
+
+# -- the in-process transport shares too ---------------------------------------------------
+
+
+async def test_scheduling_transports_in_two_programs_respect_one_rpm(redis_server, short_window) -> None:
+    from hivemind_trio import SchedulingTransport
+
+    provider = MockProvider(MockConfig(latency=0.02, jitter=0.0, seed=7, rpm=RPM, window=W))
+    config = Config(state=redis_server.url, budget=BudgetConfig(ledger="off"))
+    statuses: list[int] = []
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_mock, provider)
+            body = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+
+            async def program(name: str) -> None:
+                async with SchedulingTransport(httpx.AsyncHTTPTransport(), config=config, rpm=RPM) as t:
+                    async with httpx.AsyncClient(transport=t, base_url=f"http://127.0.0.1:{port}", timeout=GUARD) as client:
+                        await t.scheduler.shared.wait_connected()
+
+                        async def one(k: int) -> None:
+                            r = await client.post("/v1/messages", json=body, headers={**HEADERS, "x-agent-id": f"{name}{k}"})
+                            statuses.append(r.status_code)
+
+                        async with trio.open_nursery() as calls:
+                            for k in range(5):
+                                calls.start_soon(one, k)
+
+            async with trio.open_nursery() as programs:
+                programs.start_soon(program, "a")
+                programs.start_soon(program, "b")
+            nursery.cancel_scope.cancel()
+    assert statuses == [200] * 10
+    assert not [a for a in provider.attempts if a.status == 429]
+    assert most_in_any_window([a.t for a in provider.attempts if a.status == 200], W) <= RPM
