@@ -180,8 +180,11 @@ class SharedState:
                 else:
                     backoff = 0.1
 
-    def _fail(self, reason: str) -> None:
-        """Redis failed: local state from now on, one warning per outage."""
+    def _fail(self, reason: str, conn: Connection | None = None) -> None:
+        """Redis failed: local state from now on, one warning per outage.
+        (A late failure of a connection already replaced is no news.)"""
+        if conn is not None and conn is not self._conn:
+            return
         self.last_error = reason
         # The connection itself is closed by run(), which wakes up now.
         self._conn = None
@@ -212,7 +215,7 @@ class SharedState:
                 try:
                     now = _f(await conn.eval(scripts.ADOPT, [self.key(lane, "leases"), self.key(lane, "log"), self.key(lane, "gate")], args))
                 except (ConnectionLost, RedisError) as exc:
-                    self._fail(str(exc))
+                    self._fail(str(exc), conn)
                     return 0
                 mine = self.leases.setdefault(lane, set())
                 for lease, _, adopted in held:
@@ -225,7 +228,7 @@ class SharedState:
                 await conn.pipeline([("EVALSHA", s.sha, len(k), *k, *a) for s, k, a in batch])
             except ConnectionLost as exc:
                 self._replay.extendleft(reversed(batch))
-                self._fail(str(exc))
+                self._fail(str(exc), conn)
                 break
             n += len(batch)
         return n
@@ -238,7 +241,7 @@ class SharedState:
         try:
             return await conn.eval(script, keys, args)
         except (ConnectionLost, RedisError) as exc:
-            self._fail(str(exc))
+            self._fail(str(exc), conn)
             raise SharedUnavailable(str(exc)) from None
         finally:
             self.calls += 1
@@ -284,7 +287,7 @@ class SharedState:
                 # Some may have been applied: replaying a budget delta twice
                 # over-counts, which errs on the safe side.
                 self._replay.extend((s, k, a) for s, k, a, r in ops if r)
-                self._fail(str(exc))
+                self._fail(str(exc), conn)
                 self._advance(len(ops))
                 continue
             retried = 0
@@ -296,7 +299,7 @@ class SharedState:
                         try:
                             await conn.command("SCRIPT", "LOAD", s.source)
                         except (ConnectionLost, RedisError) as exc:
-                            self._fail(str(exc))
+                            self._fail(str(exc), conn)
                             self._ops_ready.set()
                             break
                         self._ops_ready.set()
