@@ -128,9 +128,28 @@ class SharedState:
             await self._run(task_status)
         finally:
             conn, self._conn = self._conn, None
-            self.up = False
+            up, self.up = self.up, False
             if conn is not None:
+                if up:
+                    await self._last_words(conn)
                 await conn.aclose()
+
+    async def _last_words(self, conn: Connection) -> None:
+        """On the way out: send the writes still queued and hand back any
+        lease still held, so the fleet gets this instance's share back now
+        rather than after ``lease_ttl``.  Bounded by the command timeout."""
+        ops = [("EVALSHA", s.sha, len(k), *k, *a) for s, k, a, _ in self._ops]
+        self._ops = []
+        for lane, held in self.leases.items():
+            if held:
+                ops.append(("EVALSHA", scripts.RELEASE.sha, 1, self.key(lane, "leases"), *sorted(held)))
+        if not ops:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await conn.pipeline(ops)
+            except ConnectionLost:
+                pass
 
     async def _run(self, task_status: Any) -> None:
         async with trio.open_nursery() as nursery:

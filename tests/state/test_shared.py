@@ -201,14 +201,15 @@ async def test_breaker_trip_on_one_instance_holds_the_others(redis_server) -> No
 # -- 5. leases of a crashed instance expire ----------------------------------------------
 
 
-async def test_a_crashed_instances_leases_expire_and_capacity_returns(redis_server) -> None:
+@pytest.mark.parametrize("crash", [True, False], ids=["crash", "clean-exit"])
+async def test_a_crashed_instances_leases_expire_and_capacity_returns(redis_server, crash: bool) -> None:
     crashed_url = redis_server.url + "?lease_ttl=1"
     with trio.fail_after(GUARD):
         async with fleet(1, redis_server.url, scheduler={"aimd": False}) as (provider, (p,)):
             assert (await ask(p, "warm-up")).status_code == 200
             lane = lanes(p)[0]
-            # Another instance takes the whole window, then dies without a
-            # word: its heartbeat stops, nothing is released.
+            leases = f"hivemind:{{{lane.shared_id}}}:leases"
+            # Another instance takes the whole window, then goes away.
             async with trio.open_nursery() as nursery:
                 ghost = SharedState(parse_redis_url(crashed_url))
                 await nursery.start(ghost.run)
@@ -216,10 +217,23 @@ async def test_a_crashed_instances_leases_expire_and_capacity_returns(redis_serv
                     wait, _ = await ghost.acquire(lane.shared_id, f"ghost:{i}", window=lane.window.limit, rpm=0, tpm=0,
                                                   tokens=1, rate_window=rl.WINDOW, check_rate=True, check_breaker=True)
                     assert wait == 0
+                if crash:
+                    # No goodbye: its heartbeat stops and nothing is released.
+                    ghost.leases.clear()
                 nursery.cancel_scope.cancel()
-            r = await ask(p, "after-crash")
+            conn = await Connection.open(parse_redis_url(redis_server.url))
+            try:
+                left = await conn.command("ZCARD", leases)
+            finally:
+                await conn.aclose()
+            r = await ask(p, "after")
     assert r.status_code == 200
-    assert lane.shared_waits > 0  # it waited for the ghost's leases to expire
+    if crash:
+        assert left == lane.window.limit
+        assert lane.shared_waits > 0  # it waited for the ghost's leases to expire
+    else:
+        assert left == 0  # a clean exit hands its leases back at once
+        assert lane.shared_waits == 0
 
 
 # -- 6. Redis goes away and comes back -------------------------------------------------------
