@@ -36,9 +36,18 @@ headers are cancelled; their requests go back into the queue as retries, so
 nothing is duplicated downstream (no byte was relayed yet).
 
 Everything here reads time from ``trio.current_time()``, so the autojump
-clock runs minute-long windows in milliseconds in the tests.  Lane state sits
-behind this one class: a shared backend (SPEC §7.5) replaces the core objects'
-state, not the Trio waiting.
+clock runs minute-long windows in milliseconds in the tests.
+
+Shared state (SPEC §7.5, :mod:`hivemind_trio.state.shared`) adds one gate
+and changes none: when every local gate is open, ``_dispatch`` hands the
+ticket to :meth:`Lane.run` (``_want_shared``) instead of granting it, and the
+dispatcher task awaits the Redis ``acquire`` (fleet-wide window of leases,
+rpm/tpm log, pause, breaker).  Granted: the next ``_dispatch`` grants the
+ticket with its lease, or hands the lease back if a local gate closed
+meanwhile.  "Wait": the dispatcher sleeps that long or until kicked.  Redis
+unreachable: the ticket goes on with the local gates alone.  So ``_dispatch``
+stays synchronous and does no I/O; outcomes, releases and breaker trips are
+published as fire-and-forget writes.
 """
 
 from __future__ import annotations
