@@ -949,7 +949,7 @@ class Scheduler:
         """The state backend: "memory" (this process only) or Redis and whether it is connected."""
         if self.shared is None:
             return {"backend": "memory", "connected": None}
-        return self.shared.statistics()
+        return attrs.asdict(self.shared.statistics())
 
     def statistics(self) -> dict[str, Any]:
         lanes = [attrs.asdict(lane.statistics()) for lane in self.lanes.values()]

@@ -42,18 +42,36 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import trio
 
 from .redis import Connection, ConnectionLost, RedisURL, Script
 from .resp import RedisError
 from . import scripts
 
-__all__ = ["SharedState", "SharedUnavailable", "lane_id"]
+__all__ = ["SharedState", "SharedUnavailable", "StateStatistics", "lane_id"]
 
 log = logging.getLogger("hivemind_trio.state")
 
 # Budget deltas kept for replay while Redis is away; beyond this the oldest go.
 _REPLAY_MAX = 100_000
+
+
+@attrs.frozen
+class StateStatistics:
+    """The shared state as status shows it (``backend`` is always "redis")."""
+
+    url: str
+    connected: bool
+    instance: str
+    outages: int
+    last_error: str | None
+    calls: int  # awaited Redis calls (admissions, budget reservations)
+    mean_call_ms: float | None
+    leases_held: int
+    reservations_held: int
+    pending_replay: int  # budget updates waiting for Redis to come back
+    backend: str = "redis"
 
 
 class SharedUnavailable(Exception):
@@ -445,18 +463,17 @@ class SharedState:
 
     # -- reading ----------------------------------------------------------------------
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "backend": "redis",
-            "url": self.url.describe(),
-            "connected": self.up,
-            "instance": self.instance,
-            "outages": self.outages,
-            "last_error": self.last_error or None,
-            "calls": self.calls,
-            "mean_call_ms": round(1000 * self.call_seconds / self.calls, 3) if self.calls else None,
-            "leases_held": sum(len(v) for v in self.leases.values()),
-            "reservations_held": len(self.reservations),
-            "pending_replay": len(self._replay),
-        }
+    def statistics(self) -> StateStatistics:
+        return StateStatistics(
+            url=self.url.describe(),
+            connected=self.up,
+            instance=self.instance,
+            outages=self.outages,
+            last_error=self.last_error or None,
+            calls=self.calls,
+            mean_call_ms=round(1000 * self.call_seconds / self.calls, 3) if self.calls else None,
+            leases_held=sum(len(v) for v in self.leases.values()),
+            reservations_held=len(self.reservations),
+            pending_replay=len(self._replay),
+        )
 
