@@ -418,3 +418,20 @@ async def test_scheduling_transports_in_two_programs_respect_one_rpm(redis_serve
     assert statuses == [200] * 10
     assert not [a for a in provider.attempts if a.status == 429]
     assert most_in_any_window([a.t for a in provider.attempts if a.status == 200], W) <= RPM
+
+
+async def test_an_instance_started_while_redis_is_down_serves_and_joins_later(redis_server, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="hivemind_trio.state")
+    redis_server.stop()
+    with trio.fail_after(GUARD):
+        async with fleet(1, redis_server.url) as (provider, (p,)):
+            first = [await ask(p, "early") for _ in range(3)]
+            assert not shared(p).up
+            redis_server.start()
+            await shared(p).wait_connected()
+            calls = shared(p).calls
+            later = await ask(p, "late")
+    assert [r.status_code for r in first] == [200] * 3
+    assert later.status_code == 200 and shared(p).calls > calls
+    down = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(down) == 1
