@@ -435,3 +435,35 @@ async def test_an_instance_started_while_redis_is_down_serves_and_joins_later(re
     assert later.status_code == 200 and shared(p).calls > calls
     down = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(down) == 1
+
+
+# -- the scripts are atomic across connections -------------------------------------------
+
+
+@pytest.mark.parametrize("gate", ["window", "rpm", "tpm"])
+async def test_concurrent_acquires_from_many_instances_never_overshoot(redis_server, gate: str) -> None:
+    """Eight instances race 40 acquires each for one lane: exactly the limit is granted."""
+    limit = 7
+    granted: list[str] = []
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            instances = []
+            for _ in range(8):
+                s = SharedState(parse_redis_url(redis_server.url))
+                await nursery.start(s.run)
+                instances.append(s)
+
+            async def race(s: SharedState) -> None:
+                for i in range(40):
+                    wait, _ = await s.acquire(
+                        "race", f"{s.instance}:{i}", window=limit if gate == "window" else 0,
+                        rpm=limit if gate == "rpm" else 0, tpm=limit * 100 if gate == "tpm" else 0, tokens=100,
+                        rate_window=60.0, check_rate=True, check_breaker=True)
+                    if wait == 0:
+                        granted.append(f"{s.instance}:{i}")
+
+            async with trio.open_nursery() as racers:
+                for s in instances:
+                    racers.start_soon(race, s)
+            nursery.cancel_scope.cancel()
+    assert len(granted) == limit
