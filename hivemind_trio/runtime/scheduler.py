@@ -290,8 +290,10 @@ class Lane:
         self.upstream_429 = 0
         self.upstream_5xx = 0
         self.resets = 0
-        # Times the shared gate (SPEC §7.5) said "wait" although every local gate was open.
+        # Times the shared gate (SPEC §7.5) said "wait" although every local gate was open,
+        # and until when it last said so (for the Retry-After of a request that gives up).
         self.shared_waits = 0
+        self._shared_until = 0.0
 
     # -- waiting ------------------------------------------------------------
 
@@ -347,6 +349,7 @@ class Lane:
             return 0.0
         if wait > 0:
             self.shared_waits += 1
+            self._shared_until = trio.current_time() + wait
             return wait
         t.lease = f"{self.shared.instance}:{t.id}"
         t.shared_at = at
@@ -493,6 +496,8 @@ class Lane:
             nxt = self.breaker.next_allowed_at(now)
             if nxt is not None:
                 wait = max(wait, nxt - now)
+        # The fleet's gate (another instance's breaker trip, the shared rpm log).
+        wait = max(wait, self._shared_until - now)
         return max(1.0, math.ceil(wait))
 
     # -- outcomes -----------------------------------------------------------

@@ -195,6 +195,7 @@ async def test_breaker_trip_on_one_instance_holds_the_others(redis_server) -> No
             held = await ask(b, "b", **{"x-stainless-timeout": "2"})
     assert lanes(b)[0].breaker.state.value == "closed"
     assert held.status_code == 529 and held.json()["error"]["type"] == "overloaded_error"
+    assert int(held.headers["retry-after"]) >= 2  # when the fleet's breaker lets requests out again
     assert not [x for x in provider.attempts if x.agent == "b"]
 
 
