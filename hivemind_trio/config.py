@@ -347,8 +347,15 @@ def _unique_route_names(inst: object, attribute: attrs.Attribute, routes: tuple[
 
 
 def _state_url(inst: object, attribute: attrs.Attribute, value: str) -> None:
-    if value and urllib.parse.urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise FieldError(attribute.name, f'must be "" or a redis:// URL, got {_show(value)}')
+    if not value:
+        return
+    from .state.redis import parse_redis_url
+
+    try:
+        parse_redis_url(value)
+    except ValueError as exc:
+        # The URL may hold a password: show it masked.
+        raise FieldError(attribute.name, f"{exc}, got {_show(_mask_url(value))}") from None
 
 
 @attrs.frozen

@@ -197,6 +197,11 @@ def _process_metrics(status: dict[str, Any]) -> Iterator[Metric]:
     yield _gauge("hivemind_pool_in_use", "Upstream connection-pool slots in use.", pool.get("in_use", 0))
     yield _gauge("hivemind_pool_size", "Upstream connection-pool size (server.max_connections).", pool.get("size", 0))
     yield _gauge("hivemind_uptime_seconds", "Seconds since the proxy started.", status.get("uptime_s", 0.0))
+    state = status.get("state") or {}
+    if state.get("backend") == "redis":
+        # Shared state (SPEC §7.5): alert on 0, an instance on local state alone.
+        yield _gauge("hivemind_state_connected", "1 while the shared state (Redis) is reachable, 0 while on local state alone.", 1 if state.get("connected") else 0)
+        yield _counter("hivemind_state_outages", "Times the shared state became unreachable.", state.get("outages", 0))
 
 
 def _lane_metrics(lanes: Iterable[dict[str, Any]]) -> Iterator[Metric]:

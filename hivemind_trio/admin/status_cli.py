@@ -251,6 +251,13 @@ def render_status(status: Mapping[str, Any], *, url: str | None = None, events: 
     parts: list[RenderableType] = [head]
     if upstreams:
         parts.append(Text(f"upstreams: {upstreams}", style="dim"))
+    state = status.get("state")
+    if isinstance(state, Mapping) and state.get("backend") == "redis":
+        # SPEC §7.5: say loudly when this instance schedules on its own.
+        if state.get("connected"):
+            parts.append(Text(f"shared state: {state.get('url')} connected", style="dim"))
+        else:
+            parts.append(Text(f"shared state: {state.get('url')} UNREACHABLE, on local state ({state.get('last_error')})", style="bold red"))
     lanes = [lane for lane in status.get("lanes") or [] if isinstance(lane, Mapping)]
     parts.append(_lanes_table(lanes) if lanes else Text("\nLanes: none yet (no request has been proxied)", style="dim"))
     agents = {k: v for k, v in (status.get("agents") or {}).items() if isinstance(v, Mapping)}

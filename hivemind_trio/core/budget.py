@@ -327,6 +327,44 @@ class Budget:
 
     # -- the protocol --------------------------------------------------------------
 
+    def plan(
+        self,
+        agent: str,
+        est_tokens: int,
+        now: float,
+        *,
+        model: str | None = None,
+        est_input: int | None = None,
+        est_output: int | None = None,
+    ) -> tuple[tuple[str, ...], list[tuple[int, str, float]], float]:
+        """What :meth:`reserve` would charge and check, for a shared backend
+        that decides elsewhere: ``(counter keys, [(key index, unit, limit)],
+        estimated usd)``."""
+        est_tokens = max(0, int(est_tokens))
+        usd = self.estimate_usd(model, est_tokens, est_input, est_output)
+        keys = self._keys(agent, now)
+        checks: list[tuple[int, str, float]] = []
+        for lim in self.applicable(agent):
+            i = keys.index(self._key(lim, agent, now))
+            if lim.tokens is not None:
+                checks.append((i, "tokens", lim.tokens))
+            if lim.usd is not None:
+                checks.append((i, "usd", lim.usd))
+        return keys, checks, usd
+
+    def refusal(self, agent: str, key: str, unit: str, limit: float, used: float, reserved: float, requested: float) -> Refusal:
+        """A refusal decided elsewhere (a shared backend), counted here."""
+        scope, pkey, _ = _split_key(key)
+        self.state.refusals += 1
+        return Refusal(agent=agent, scope=scope, period=_period_of(pkey), period_key=pkey, unit=unit,
+                       limit=limit, used=used, reserved=reserved, requested=requested)
+
+    def adopt(self, key: str, used_tokens: int, reserved_tokens: int, used_usd: float, reserved_usd: float, requests: int) -> None:
+        """Take a counter's values from a shared backend (the fleet's totals)."""
+        c = self.state.counters.setdefault(key, Counter())
+        c.used_tokens, c.reserved_tokens = int(used_tokens), max(0, int(reserved_tokens))
+        c.used_usd, c.reserved_usd, c.requests = float(used_usd), max(0.0, float(reserved_usd)), int(requests)
+
     def reserve(
         self,
         agent: str,
@@ -336,16 +374,18 @@ class Budget:
         model: str | None = None,
         est_input: int | None = None,
         est_output: int | None = None,
+        check: bool = True,
     ) -> Reservation | Refusal:
         """Reserve an estimate against every applicable budget, or say which one is spent.
 
         ``now`` is wall-clock time (seconds since the epoch): periods are calendar ones.
+        ``check=False`` books a reservation a shared backend already granted.
         """
         est_tokens = max(0, int(est_tokens))
         usd = self.estimate_usd(model, est_tokens, est_input, est_output)
         st = self.state
         warning = False
-        for lim in self.applicable(agent):
+        for lim in self.applicable(agent) if check else ():
             key = self._key(lim, agent, now)
             c = st.counters.get(key) or Counter()
             pkey = _split_key(key)[1]
@@ -376,6 +416,8 @@ class Budget:
             c.reserved_tokens += est_tokens
             c.reserved_usd += usd
             c.requests += 1
+        if not check:
+            warning = self._warning(keys)
         res = Reservation(
             id=st.next_id, agent=agent, tokens=est_tokens, usd=usd, model=model, keys=keys, warning=warning
         )

@@ -25,7 +25,7 @@ import httpx
 import trio
 
 from ..admin.metrics import Metrics
-from ..config import Config, load_config
+from ..config import Config, ConfigError, load_config
 from ..core import errors
 from ..core.budget import Reservation
 from ..core.identity import Identity, Priority, identify
@@ -109,8 +109,10 @@ class Runtime:
         self.sinks: list[Callable[[RequestRecord], None]] = [log_request]
         self.metrics = Metrics(self)
         # Salt for credential fingerprints: per process, never persisted, so a
-        # fingerprint cannot be turned back into a key from logs.
-        self.salt = secrets.token_bytes(32)
+        # fingerprint cannot be turned back into a key from logs.  Instances
+        # sharing state need the same lanes and agent names: one shared salt.
+        shared = self.scheduler.shared
+        self.salt = shared.salt() if shared is not None else secrets.token_bytes(32)
         self.started_at = trio.current_time()
 
     async def aclose(self) -> None:
@@ -139,6 +141,7 @@ class Runtime:
             "websockets": {"open": c.websockets_open, "total": c.websockets_total},
             "pool": {"in_use": pool.borrowed_tokens, "size": pool.total_tokens, "waiting": pool.tasks_waiting},
             "uptime_s": round(trio.current_time() - self.started_at, 3),
+            "state": self.scheduler.state_statistics(),
             **self.scheduler.statistics(),
             "events": list(self.scheduler.events)[-50:],
         }
@@ -185,6 +188,7 @@ class ProxyApp:
             return
         try:
             rt = self._ensure_runtime()
+            _refuse_unshared_workers(rt.config)
         except Exception as exc:
             log.error("hivemind_trio cannot start: %s", exc)
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -211,6 +215,7 @@ class ProxyApp:
         try:
             async with trio.open_nursery() as nursery:
                 rt.scheduler.attach(nursery)
+                await rt.scheduler.start_shared(nursery)
                 await send({"type": "lifespan.startup.complete"})
                 while (await receive())["type"] != "lifespan.shutdown":
                     pass
@@ -292,7 +297,7 @@ class ProxyApp:
         final: tuple[int, list[tuple[bytes, bytes]], bytes] | dict | None = None
         try:
             try:
-                reservation = sched.reserve_or_refuse(info, agent, lane)
+                reservation = await sched.reserve_or_refuse(info, agent, lane)
             except errors.BudgetExhausted as err:
                 status, hdrs, body = err.render(fmt)
                 final = (status, hdrs + info_headers(rt.config.server.info_headers, identity.agent, 0.0, 0), body)
@@ -639,6 +644,47 @@ async def _respond(send, rendered: tuple[int, list[tuple[bytes, bytes]], bytes])
 async def _respond_json(send, status: int, payload: Any) -> None:
     body = json.dumps(payload, indent=None, separators=(",", ":")).encode()
     await _respond(send, (status, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body))
+
+
+def worker_processes() -> int:
+    """How many worker processes of one server run this app: the spawned
+    siblings of this process (``hypercorn --workers N`` spawns N from one
+    supervisor).  1 when this is no spawned worker or it cannot be told (Linux
+    /proc only)."""
+    import multiprocessing
+    import os
+
+    if multiprocessing.parent_process() is None:
+        return 1
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/task/{ppid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return 1
+    n = 0
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                # The supervisor's other children (the resource tracker) are no workers.
+                if b"spawn_main" in f.read():
+                    n += 1
+        except OSError:
+            continue
+    return max(1, n)
+
+
+def _refuse_unshared_workers(config: Config) -> None:
+    """SPEC §7.5: several workers without shared state would each apply the
+    whole rate limit, window and budget, so together they would send N times
+    the upstream's limit.  Refused at start-up (the server stops)."""
+    n = worker_processes()
+    if n > 1 and not config.state:
+        raise ConfigError(
+            f"{n} worker processes but no shared state: each would apply every rate limit, window and budget "
+            f"on its own, and together they would send {n}x the upstream's limit; set state = \"redis://host:6379/0\" "
+            "(HIVEMIND_STATE) so the workers share them, or run one worker"
+        )
 
 
 def default_app() -> ProxyApp:

@@ -36,9 +36,18 @@ headers are cancelled; their requests go back into the queue as retries, so
 nothing is duplicated downstream (no byte was relayed yet).
 
 Everything here reads time from ``trio.current_time()``, so the autojump
-clock runs minute-long windows in milliseconds in the tests.  Lane state sits
-behind this one class: a shared backend (SPEC §7.5) replaces the core objects'
-state, not the Trio waiting.
+clock runs minute-long windows in milliseconds in the tests.
+
+Shared state (SPEC §7.5, :mod:`hivemind_trio.state.shared`) adds one gate
+and changes none: when every local gate is open, ``_dispatch`` hands the
+ticket to :meth:`Lane.run` (``_want_shared``) instead of granting it, and the
+dispatcher task awaits the Redis ``acquire`` (fleet-wide window of leases,
+rpm/tpm log, pause, breaker).  Granted: the next ``_dispatch`` grants the
+ticket with its lease, or hands the lease back if a local gate closed
+meanwhile.  "Wait": the dispatcher sleeps that long or until kicked.  Redis
+unreachable: the ticket goes on with the local gates alone.  So ``_dispatch``
+stays synchronous and does no I/O; outcomes, releases and breaker trips are
+published as fire-and-forget writes.
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ from ..core.retry import (
 from ..core.usage import Usage
 from ..profiles import Profile
 from ..state.ledger import Ledger, default_ledger_path
+from ..state.redis import parse_redis_url
+from ..state.shared import SharedState, SharedUnavailable, lane_id
 from .headers import get as _header
 
 log = logging.getLogger("hivemind_trio.scheduler")
@@ -137,6 +148,11 @@ class Ticket:
     # AIMD had no room left to shrink the window when this attempt went out
     # (or AIMD is off): an overload answer to it is then the breaker's business.
     at_floor: bool = True
+    # Shared state (SPEC §7.5): None = the shared gate was not asked yet;
+    # "" = go on locally (no shared state, or it is unreachable); else the
+    # lease this ticket holds in Redis, granted at server time ``shared_at``.
+    lease: str | None = None
+    shared_at: float = 0.0
 
 
 @attrs.frozen
@@ -202,6 +218,7 @@ class LaneStatistics:
     upstream_5xx: int
     resets: int
     admitted: int
+    shared_waits: int
 
 
 @attrs.define
@@ -228,8 +245,12 @@ _PRIORITY_NAMES = {0: "low", 1: "normal", 2: "high", 3: "critical"}
 class Lane:
     """One (upstream, credential) pair: its limits, window, breaker and queue."""
 
-    def __init__(self, key: str, route: str, profile: Profile, config: SchedulerConfig, *, rpm: int = 0, tpm: int = 0, rng: random.Random, emit: Callable[..., None] | None = None) -> None:
+    def __init__(self, key: str, route: str, profile: Profile, config: SchedulerConfig, *, rpm: int = 0, tpm: int = 0, rng: random.Random, emit: Callable[..., None] | None = None, shared: SharedState | None = None) -> None:
         self.key = key
+        # The shared gate (SPEC §7.5), when instances share state.
+        self.shared = shared
+        self.shared_id = lane_id(key)
+        self._want_shared: Ticket | None = None
         # Scheduler events (trips, pauses) for the log, status and dashboard.
         self.emit = emit or (lambda kind, **detail: None)
         self.route = route
@@ -251,6 +272,8 @@ class Lane:
         )
         self.spec = _core_spec(profile)
         self._tickets: dict[int, Ticket] = {}
+        # Admitted and not yet released (for the shared state's resync).
+        self._granted: set[Ticket] = set()
         self._next: Ticket | None = None
         self._kick = trio.Event()
         self._waiting_headers: set[trio.CancelScope] = set()
@@ -267,6 +290,10 @@ class Lane:
         self.upstream_429 = 0
         self.upstream_5xx = 0
         self.resets = 0
+        # Times the shared gate (SPEC §7.5) said "wait" although every local gate was open,
+        # and until when it last said so (for the Retry-After of a request that gives up).
+        self.shared_waits = 0
+        self._shared_until = 0.0
 
     # -- waiting ------------------------------------------------------------
 
@@ -275,12 +302,82 @@ class Lane:
         self._kick.set()
 
     async def run(self) -> None:
-        """The dispatcher: grant tickets as gates open, sleep otherwise."""
+        """The dispatcher: grant tickets as gates open, sleep otherwise.
+
+        With shared state, a ticket that passed every local gate is held by
+        ``_dispatch`` (``_want_shared``) while this task asks Redis; the next
+        ``_dispatch`` grants it with the lease, or, if a local gate closed
+        meanwhile, the lease goes back.
+        """
         while True:
             self._kick = trio.Event()
             wake_at = self._dispatch(trio.current_time())
+            held = self._next
+            if held is not None and held.lease and not held.granted:
+                self._drop_lease(held)
+            t = self._want_shared
+            if t is not None:
+                self._want_shared = None
+                wait = await self._shared_acquire(t)
+                if t.done and t.lease:
+                    self._drop_lease(t)
+                if wait > 0:
+                    with trio.move_on_after(wait):
+                        await self._kick.wait()
+                continue
             with trio.move_on_at(wake_at):
                 await self._kick.wait()
+
+    async def _shared_acquire(self, t: Ticket) -> float:
+        """Ask the shared gate for ``t``: 0 (``t.lease`` set) or seconds to wait."""
+        assert self.shared is not None
+        cfg = self.config
+        try:
+            wait, at = await self.shared.acquire(
+                self.shared_id,
+                f"{self.shared.instance}:{t.id}",
+                window=self.limiter.total_tokens if cfg.admission else 0,
+                rpm=(self.tracker.rpm or 0) if cfg.ratelimit else 0,
+                tpm=(self.tracker.tpm or 0) if cfg.ratelimit else 0,
+                tokens=t.tokens,
+                rate_window=rl.WINDOW,
+                check_rate=cfg.ratelimit,
+                check_breaker=cfg.breaker,
+            )
+        except SharedUnavailable:
+            t.lease = ""  # degraded: local gates only
+            return 0.0
+        if wait > 0:
+            self.shared_waits += 1
+            self._shared_until = trio.current_time() + wait
+            return wait
+        t.lease = f"{self.shared.instance}:{t.id}"
+        t.shared_at = at
+        return 0.0
+
+    def unshared_in_flight(self) -> list[tuple[str, int, Callable[[float], None]]]:
+        """Requests in flight that went out on local state (Redis was away):
+        each gets a lease id now, and learns its shared admission time later."""
+        assert self.shared is not None
+        out = []
+        for t in self._granted:
+            if t.lease == "" and not t.done:
+                t.lease = f"{self.shared.instance}:{t.id}"
+
+                def adopted(at: float, t: Ticket = t) -> None:
+                    t.shared_at = at
+
+                out.append((t.lease, max(0, int(t.tokens)), adopted))
+        return out
+
+    def _member(self, t: Ticket) -> str:
+        return f"{t.lease}|{max(0, int(t.tokens))}"
+
+    def _drop_lease(self, t: Ticket) -> None:
+        """A lease taken but not used: it and its log entry go back."""
+        if self.shared is not None and t.lease:
+            self.shared.release(self.shared_id, t.lease, member=self._member(t))
+        t.lease = None
 
     def _pop(self, now: float) -> Ticket | None:
         while True:
@@ -320,9 +417,18 @@ class Lane:
                 if t is None:
                     return math.inf
             if cfg.ratelimit:
-                wait = self.tracker.reserve(now, t.tokens)
+                wait = self.tracker.wait_time(now, t.tokens)
                 if wait > 0:
+                    self.tracker.state.delayed += 1
                     return now + wait
+            if t.lease is None:
+                if self.shared is not None and self.shared.up:
+                    # Every local gate is open: now the shared one (run() asks it).
+                    self._want_shared = t
+                    return now
+                t.lease = ""
+            if cfg.ratelimit:
+                self.tracker.reserve(now, t.tokens)
                 t.charged = t.tokens
             if cfg.breaker and not self.breaker.allow(now):
                 if cfg.ratelimit:
@@ -334,6 +440,7 @@ class Lane:
             self._next = None
             t.granted = True
             t.granted_at = now
+            self._granted.add(t)
             t.at_floor = not cfg.aimd or self.window.limit <= self.window.min
             self.in_flight += 1
             self.admitted += 1
@@ -389,6 +496,8 @@ class Lane:
             nxt = self.breaker.next_allowed_at(now)
             if nxt is not None:
                 wait = max(wait, nxt - now)
+        # The fleet's gate (another instance's breaker trip, the shared rpm log).
+        wait = max(wait, self._shared_until - now)
         return max(1.0, math.ceil(wait))
 
     # -- outcomes -----------------------------------------------------------
@@ -409,6 +518,7 @@ class Lane:
         outcome = Outcome.http(status, retry_after=snapshot.retry_after, body=body, should_retry=should_retry)
         if self.config.ratelimit:
             paused_before = self.tracker.state.paused_until
+            learned_before = self.tracker.state.learned_rpm
             # Unseen: every other attempt not settled when this one went out.
             # Counting only those admitted after it assumed the provider sees
             # requests in admission order; a burst admitted together races,
@@ -440,6 +550,15 @@ class Lane:
                     self.emit("pause", lane=self.key, seconds=round(self.tracker.state.paused_until - now, 3), status=status)
             elif status < 400:
                 self.tracker.record_success()
+            if self.shared is not None and t.lease:
+                if t.granted_at is not None and not t.settled:
+                    self.shared.settle(self.shared_id, self._member(t), counted=status not in (429, 529),
+                                       admitted_at=t.shared_at, bound=_ARRIVAL_BOUND)
+                if self.tracker.state.paused_until > paused_before:
+                    self.shared.pause(self.shared_id, self.tracker.state.paused_until - now)
+                learned = self.tracker.state.learned_rpm
+                if learned is not None and learned != learned_before:
+                    self.shared.learned(self.shared_id, learned)
         if status == 429:
             self.upstream_429 += 1
         elif status >= 500:
@@ -466,6 +585,8 @@ class Lane:
         # keep its slot on the books until then, never shorter.
         if self.config.ratelimit and t.granted_at is not None and not t.settled:
             self.tracker.recount(t.granted_at, min(now, t.granted_at + _ARRIVAL_BOUND), t.charged)
+            if self.shared is not None and t.lease:
+                self.shared.settle(self.shared_id, self._member(t), counted=True, admitted_at=t.shared_at, bound=_ARRIVAL_BOUND)
 
     def _settle(self, t: Ticket) -> None:
         if t.granted and not t.settled:
@@ -506,9 +627,14 @@ class Lane:
                           cooldown=round(self.breaker.statistics(now).cooldown, 3))
                 for scope in list(self._waiting_headers):
                     scope.cancel()
+                if self.shared is not None:
+                    nxt = self.breaker.next_allowed_at(now)
+                    self.shared.trip(self.shared_id, (nxt - now) if nxt is not None else self.breaker.statistics(now).cooldown)
             if after is not before:
                 if after is BreakerState.CLOSED:
                     self.emit("breaker_closed", lane=self.key)
+                    if self.shared is not None:
+                        self.shared.close_breaker(self.shared_id)
                 self.kick()
 
     def on_cancelled(self, t: Ticket) -> None:
@@ -523,12 +649,15 @@ class Lane:
         if not t.granted or t.done:
             return
         t.done = True
+        self._granted.discard(t)
         self._settle(t)
         now = trio.current_time()
         in_flight = self.in_flight
         self.in_flight -= 1
         if self.config.admission:
             self.limiter.release_on_behalf_of(t)
+        if self.shared is not None and t.lease:
+            self.shared.release(self.shared_id, t.lease)
         if ok and self.config.aimd:
             before = self.window.limit
             self.window.on_success(now, in_flight, latency=latency, started_at=t.granted_at)
@@ -599,6 +728,7 @@ class Lane:
             upstream_5xx=self.upstream_5xx,
             resets=self.resets,
             admitted=self.admitted,
+            shared_waits=self.shared_waits,
         )
 
 
@@ -632,6 +762,12 @@ class Scheduler:
         # Recent scheduler events, newest last (status, dashboard feed).
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self._event_seq = itertools.count(1)
+        # Shared state (SPEC §7.5); started by start_shared().
+        self.shared: SharedState | None = SharedState(parse_redis_url(config.state), emit=self.emit) if config.state else None
+        # Budget reservations the shared backend holds: id -> its member there.
+        self._shared_reservations: dict[int, str] = {}
+        if self.shared is not None:
+            self.shared.in_flight_hook = lambda: [(lane.shared_id, lane.unshared_in_flight()) for lane in self.lanes.values()]
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -646,6 +782,13 @@ class Scheduler:
         for lane in self._pending:
             nursery.start_soon(lane.run)
         self._pending.clear()
+
+    async def start_shared(self, nursery: trio.Nursery) -> None:
+        """Connect the shared state (if configured) and keep it connected in
+        ``nursery``; returns once the first attempt is over, so the proxy
+        starts in a known mode (shared, or local with a warning logged)."""
+        if self.shared is not None and not self.shared.started:
+            await nursery.start(self.shared.run)
 
     async def _flush_ledger(self) -> None:
         assert self.ledger is not None
@@ -691,7 +834,7 @@ class Scheduler:
         key = f"{route}:{credential or '-'}"
         lane = self.lanes.get(key)
         if lane is None:
-            lane = Lane(key, route, profile, self.sched, rpm=rpm, tpm=tpm, rng=self.rng, emit=self.emit)
+            lane = Lane(key, route, profile, self.sched, rpm=rpm, tpm=tpm, rng=self.rng, emit=self.emit, shared=self.shared)
             lane.closing = self.closing
             self.lanes[key] = lane
             self._spawn(lane)
@@ -721,10 +864,12 @@ class Scheduler:
 
     # -- budgets ----------------------------------------------------------------
 
-    def reserve_or_refuse(self, info: RequestInfo, agent: AgentStats, lane: Lane) -> Reservation | None:
+    async def reserve_or_refuse(self, info: RequestInfo, agent: AgentStats, lane: Lane) -> Reservation | None:
         """The budget step of every edge: a reservation (None: budgets are off),
         or :class:`errors.BudgetExhausted` (a 429 the client must not retry)."""
-        res = self.reserve(info)
+        # Without a budget limit there is nothing to share (usage totals stay per instance).
+        fleet = self.shared is not None and self.shared.up and bool(self.budget.limits)
+        res = await self.reserve_shared(info) if fleet else self.reserve(info)
         if isinstance(res, Refusal):
             agent.budget_refusals += 1
             log.warning("budget refused agent=%s: %s", info.agent, res.message)
@@ -746,14 +891,56 @@ class Scheduler:
             est_output=est_out,
         )
 
+    async def reserve_shared(self, info: RequestInfo) -> Reservation | Refusal | None:
+        """:meth:`reserve`, decided by the shared backend for the whole fleet;
+        the local budget books the same reservation and mirrors the fleet's
+        counters (what it goes on from if Redis goes away)."""
+        assert self.shared is not None
+        if not self.sched.budgets:
+            return None
+        est_out = info.max_tokens if info.max_tokens is not None else _DEFAULT_OUTPUT_GUESS
+        est = info.input_estimate + est_out
+        wall = time.time()
+        keys, checks, usd = self.budget.plan(info.agent, est, wall, model=info.model, est_input=info.input_estimate, est_output=est_out)
+        try:
+            ok, rows, member = await self.shared.budget_reserve(list(keys), checks, est, usd, [_budget_ttl(k) for k in keys])
+        except SharedUnavailable:
+            return self.reserve(info)
+        if not ok:
+            idx, unit, used, reserved = rows
+            limit = next(lim for i, u, lim in checks if i == idx and u == unit)
+            # Mirror what the fleet spent, so status shows it here too.
+            c = self.budget.state.counters.get(keys[idx])
+            tokens = (used, reserved) if unit == "tokens" else ((c.used_tokens, c.reserved_tokens) if c else (0, 0))
+            usd_ = (used, reserved) if unit == "usd" else ((c.used_usd, c.reserved_usd) if c else (0.0, 0.0))
+            self.budget.adopt(keys[idx], int(tokens[0]), int(tokens[1]), usd_[0], usd_[1], c.requests if c else 0)
+            return self.budget.refusal(info.agent, keys[idx], unit, limit, used, reserved, usd if unit == "usd" else est)
+        for key, (u_t, r_t, u_u, r_u, req) in zip(keys, rows):
+            self.budget.adopt(key, u_t, r_t - est, u_u, r_u - usd, req - 1)
+        res = self.budget.reserve(info.agent, est, wall, model=info.model, est_input=info.input_estimate, est_output=est_out, check=False)
+        assert isinstance(res, Reservation)
+        self._shared_reservations[res.id] = member
+        return res
+
     def settle(self, reservation: Reservation | None, usage: Usage | None) -> bool:
         """Replace a reservation by what was used; True if a budget is at its warning level."""
         if reservation is None:
             return False
+        member = self._shared_reservations.pop(reservation.id, None)
         if usage is None:
-            self.budget.release(reservation)
+            if self.budget.release(reservation) and member is not None and self.shared is not None:
+                self.shared.budget_settle(list(reservation.keys), member, used_tokens=0, used_usd=0.0, requests=-1,
+                                          ttls=[_budget_ttl(k) for k in reservation.keys])
             return False
         charge = self.budget.reconcile(reservation, usage.all_input_tokens, usage.output_tokens)
+        if charge is not None and self.shared is not None and self.budget.limits:
+            # A reservation made while Redis was away was never counted
+            # there: its request and usage are added (now, or on recovery).
+            self.shared.budget_settle(
+                list(reservation.keys), member or "",
+                used_tokens=charge.tokens, used_usd=charge.usd, requests=0 if member is not None else 1,
+                ttls=[_budget_ttl(k) for k in reservation.keys],
+            )
         if self.ledger is not None:
             self.ledger.mark(reservation.keys)
         return bool(charge is not None and charge.warning)
@@ -762,6 +949,12 @@ class Scheduler:
         return self.budget.remaining_tokens(agent, time.time())
 
     # -- reading ----------------------------------------------------------------
+
+    def state_statistics(self) -> dict[str, Any]:
+        """The state backend: "memory" (this process only) or Redis and whether it is connected."""
+        if self.shared is None:
+            return {"backend": "memory", "connected": None}
+        return attrs.asdict(self.shared.statistics())
 
     def statistics(self) -> dict[str, Any]:
         lanes = [attrs.asdict(lane.statistics()) for lane in self.lanes.values()]
@@ -887,6 +1080,14 @@ def _core_spec(profile: Profile) -> rl.RateLimitSpec | None:
 
 def _describe(outcome: Outcome) -> str:
     return str(outcome.status) if outcome.status is not None else outcome.kind.value
+
+
+def _budget_ttl(key: str) -> int:
+    """How long a shared budget counter outlives its period (renewed on use)."""
+    pkey = key.split("|", 2)[1]
+    if pkey == "run":
+        return 7 * 86400  # the fleet's run: until it has been idle for a week
+    return 2 * 3600 + 600 if "T" in pkey else 2 * 86400 + 600
 
 
 def _budget_limits(config: Config) -> tuple[BudgetLimit, ...]:

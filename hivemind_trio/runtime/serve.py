@@ -79,6 +79,7 @@ async def open_proxy(
     rt = app.prepare()
     async with trio.open_nursery() as outer:
         rt.scheduler.attach(outer)
+        await rt.scheduler.start_shared(outer)
         async with trio.open_nursery() as server:
             binds = await server.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=partial(_trigger, app, shutdown)))
             try:
@@ -126,6 +127,7 @@ async def serve(config: Config, *, mock_port: int | None = None) -> None:
         rt = app.prepare()
         # Lane dispatchers here: a crash ends trio.run, and the process with it.
         rt.scheduler.attach(nursery)
+        await rt.scheduler.start_shared(nursery)
         hc = hypercorn_config(config)
         async with trio.open_nursery() as server:
             binds = await server.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=partial(_trigger, app, shutdown)))

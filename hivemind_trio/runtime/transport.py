@@ -359,6 +359,11 @@ class _Home:
     def adopt(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.scheduler.attach(nursery)
+        shared = self.scheduler.shared
+        if shared is not None and not shared.started:
+            # Connects in the background: requests go on local state until it is up.
+            shared.started = True
+            nursery.start_soon(shared.run)
         self._ready.set()
 
     async def ready(self) -> None:
@@ -406,7 +411,8 @@ class _Core:
         self.profiles = dict(profiles) if profiles is not None else load_profiles(self.config.server.profiles_dir or None)
         self.scheduler = Scheduler(self.config, seed=seed)
         # Per transport, never persisted: a fingerprint cannot be turned back into a key.
-        self.salt = secrets.token_bytes(32)
+        shared = self.scheduler.shared
+        self.salt = shared.salt() if shared is not None else secrets.token_bytes(32)
         self.defaults: dict[bytes, bytes] = {}
         if agent:
             self.defaults[b"x-hivemind-agent"] = agent.encode("utf-8")
@@ -575,7 +581,7 @@ class _Core:
         ex = _Exchange(self, request.method, f"{request.url.scheme}://{route}{request.url.path}", lane, identity.agent, agent, info, trio.current_time())
         try:
             try:
-                reservation = sched.reserve_or_refuse(info, agent, lane)
+                reservation = await sched.reserve_or_refuse(info, agent, lane)
             except errors.BudgetExhausted as err:
                 return ex.answer(*err.render(fmt))
             ex.reservation = reservation

@@ -153,7 +153,7 @@ class _Turns:
         info = request_info(self.rt.config.scheduler, self.identity, self.priority, frame.encode(), self.client_headers)
         self.agent.requests += 1
         try:
-            reservation = self.sched.reserve_or_refuse(info, self.agent, self.lane)
+            reservation = await self.sched.reserve_or_refuse(info, self.agent, self.lane)
         except errors.BudgetExhausted as err:
             # What the Responses API sends when it will not answer for
             # billing reasons: an error event with a quota code, which Codex

@@ -179,7 +179,17 @@ def test_wrong_types_in_file(tmp_path: Path, toml: str, expected: str) -> None:
         ),
         ('[scheduler]\nretry_budget = 1.5', "scheduler.retry_budget: must be between 0 and 1, got 1.5"),
         ('[[agents]]\npriority = "urgent"', 'agents[0].priority: must be one of critical, high, normal, low; got "urgent"'),
-        ('state = "postgres://x"', 'state: must be "" or a redis:// URL, got "postgres://x"'),
+        # SPEC §7.5: the shared state URL is checked as strictly as the rest.
+        ('state = "postgres://x"', 'state: must be "" or a redis://, rediss:// or unix:// URL, got "postgres://x"'),
+        ('state = "redis://"', 'state: URL must name a host, got "redis://"'),
+        ('state = "redis://h:99999/0"', "state: not a valid URL"),
+        ('state = "redis://h/zero"', "state: database must be a number 0-65535, got 'zero'"),
+        ('state = "redis://h/0?lease=3"', "state: unknown query parameter 'lease'"),
+        ('state = "redis://h/0?lease_ttl=0"', "state: lease_ttl must be between 1 and 3600, got '0'"),
+        ('state = "redis://h/0?timeout=soon"', "state: timeout must be a number, got 'soon'"),
+        ('state = "unix://"', "state: a unix:// URL must name a socket path"),
+        # A password in a bad URL is never echoed.
+        ('state = "redis://:hunter2@h/x"', 'state: database must be a number 0-65535, got \'x\', got "redis://:***@h/x"'),
     ],
 )
 def test_out_of_range_values(tmp_path: Path, toml: str, expected: str) -> None:

@@ -350,3 +350,33 @@ async def test_hypercorn_module_app_refuses_bad_config_at_start(case: str, worke
         # the app in-process and does exit non-zero.
         pytest.xfail("hypercorn supervisor loses the worker's failure status (pgjones/hypercorn#269)")
     assert status != 0, child.describe()
+
+
+# ------------------------------------------------- several workers (SPEC §7.5)
+
+
+async def test_hypercorn_workers_without_shared_state_are_refused(tmp_path: Path) -> None:
+    """N workers, each with its own scheduler, would send N x the upstream's limit."""
+    env = child_env(HIVEMIND_UPSTREAM="http://127.0.0.1:9")
+    with trio.fail_after(GUARD):
+        async with spawn(*HYPERCORN_APP, "--workers", "2", env=env, cwd=tmp_path) as child:
+            await child.wait_exit()
+    err = child.text("stderr")
+    assert re.search(r"hivemind_trio cannot start: 2 worker processes but no shared state", err), child.describe()
+    assert 'state = "redis://' in err
+
+
+async def test_hypercorn_workers_with_shared_state_serve(redis_server, tmp_path: Path) -> None:
+    provider = quiet_mock()
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_mock, provider)
+            env = child_env(HIVEMIND_UPSTREAM=f"http://127.0.0.1:{port}", HIVEMIND_STATE=redis_server.url)
+            async with spawn(*HYPERCORN_APP, "--workers", "2", env=env, cwd=tmp_path) as child:
+                url = (await child.wait_for(HYPERCORN_RUNNING, "stderr"))[1]
+                for _ in range(4):
+                    assert (await post_message(url)).status_code == 200
+                status = await get_json(f"{url}/hivemind/status")
+                assert status["state"]["backend"] == "redis" and status["state"]["connected"] is True  # type: ignore[index]
+                assert "cannot start" not in child.text("stderr")
+            nursery.cancel_scope.cancel()
