@@ -926,11 +926,11 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
     print(summary_table(report["groups"], repeat=args.repeat))
     print()
     if report["bar_misses"]:
-        print("Below the bar (SCENARIOS.md):")
+        print("Below our bar (README, Benchmark):")
         for line in report["bar_misses"]:
             print(f"- {line}")
     else:
-        print("Every proxy case meets the bar (SCENARIOS.md).")
+        print("Every proxy case meets our bar (README, Benchmark).")
     written = [str(out / "bench.json")]
     if not args.no_chart:
         why = write_chart(report["groups"], out / "bench.png")

@@ -982,7 +982,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                            ("streams", _streams_rows), ("queue", _queue_rows)):
         if mode in report:
             rows += rowmaker(report[mode])
-    head = ["figure", *names, "SPEC §9 target"]
+    head = ["figure", *names, "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for figure, cells, target in rows:
         lines.append("| " + " | ".join([figure, *(cells.get(n, "") for n in names), target]) + " |")
