@@ -190,13 +190,22 @@ async def test_cli_unreachable_proxy_is_a_message_not_a_traceback() -> None:
     assert bad.returncode == 2 and b"--watch" in bad.stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_cli_watch_refreshes_until_interrupted() -> None:
     """--watch into a pipe: a snapshot per interval (a terminal gets rich.live
     redrawing in place); Ctrl-C ends it with status 0."""
     with trio.fail_after(GUARD):
         async with busy_proxy() as proxy:
+            # Ctrl-C reaches the CLI with SIGINT's default disposition, as in a
+            # terminal: a test run started in the background (`cmd &` in a
+            # non-interactive shell) inherits SIGINT ignored, and Python then
+            # never raises KeyboardInterrupt.
             process = await trio.lowlevel.open_process([str(HIVEMIND), "status", "--url", proxy.url, "--watch", "0.2"],
-                                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+                                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                                                       preexec_fn=_default_sigint)
             assert process.stdout is not None and process.stderr is not None
             out = rest = err = b""
             try:
